@@ -1,0 +1,40 @@
+"""biformer: Bi-Level Routing Attention and the BiFormer models (CVPR 2023), timm-native.
+
+``import biformer`` registers ``biformer_tiny``, ``biformer_small``, ``biformer_base``, ``biformer_stl`` and
+``biformer_stl_nchw`` with ``timm.create_model``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .checkpoint import load_checkpoint, read_state_dict, save_weights
+from .layers import (
+    AttentionLePE,
+    AttentionLePENCHW,
+    BiLevelRoutingAttention,
+    BiLevelRoutingAttentionNCHW,
+)
+from .models import MODEL_NAMES, BiFormer, BiFormerSTL, BiFormerSTLNCHW
+from .ops import attention_backend, available_backends
+from .routing import record_routing
+
+try:
+    __version__ = version("biformer")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "MODEL_NAMES",
+    "AttentionLePE",
+    "AttentionLePENCHW",
+    "BiFormer",
+    "BiFormerSTL",
+    "BiFormerSTLNCHW",
+    "BiLevelRoutingAttention",
+    "BiLevelRoutingAttentionNCHW",
+    "attention_backend",
+    "available_backends",
+    "load_checkpoint",
+    "read_state_dict",
+    "record_routing",
+    "save_weights",
+]

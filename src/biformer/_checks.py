@@ -1,0 +1,40 @@
+"""Input validation shared by the layers: clear ``ValueError`` messages instead of deep index errors."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_feature_map(x: object, *, name: str, layout: str, channels: int) -> None:
+    """Check that ``x`` is a floating-point 4-D map with ``channels`` channels in ``layout``.
+
+    Args:
+        x: the tensor to check.
+        name: what the caller calls it, used in the message (e.g. ``"BiLevelRoutingAttention input"``).
+        layout: ``"NHWC"`` or ``"NCHW"``.
+        channels: the channel count the layer was built for.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor in {layout} layout, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name}: expected a 4-D tensor in {layout} layout, got {x.dim()}-D with shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    channel_axis = 3 if layout == "NHWC" else 1
+    if x.shape[channel_axis] != channels:
+        raise ValueError(
+            f"{name}: expected {channels} channels on axis {channel_axis} ({layout}), "
+            f"got {x.shape[channel_axis]} (shape {tuple(x.shape)})"
+        )
+    height, width = (x.shape[1], x.shape[2]) if layout == "NHWC" else (x.shape[2], x.shape[3])
+    if x.shape[0] == 0 or height <= 0 or width <= 0:
+        raise ValueError(f"{name}: expected non-empty batch and spatial sizes, got shape {tuple(x.shape)}")
+
+
+def check_positive_int(value: object, *, name: str, minimum: int = 1) -> int:
+    """Return ``value`` if it is an ``int`` >= ``minimum``, else raise a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value

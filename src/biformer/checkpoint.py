@@ -1,0 +1,107 @@
+"""Reading and writing weight files without unpickling arbitrary objects.
+
+Formats read: safetensors, and ``torch.save`` files (the authors' ``{"model": state_dict, ...}``, a
+``{"state_dict": ...}`` dict or a bare state_dict) loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+__all__ = ["load_checkpoint", "read_state_dict", "save_weights", "unwrap_state_dict"]
+
+_WRAPPER_KEYS = ("model", "state_dict")
+
+
+def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    """The state_dict inside a checkpoint object.
+
+    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}``, strips ``module.`` prefixes
+    (DistributedDataParallel) and drops non-tensor entries.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"checkpoint: expected a dict of tensors, got {type(checkpoint).__name__}")
+    for key in _WRAPPER_KEYS:
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = {}
+    for key, value in checkpoint.items():
+        if isinstance(value, torch.Tensor):
+            state_dict[key.removeprefix("module.")] = value
+    if not state_dict:
+        raise ValueError("checkpoint: no tensors found (expected a state_dict, or one under 'model')")
+    return state_dict
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a ``.safetensors`` file or a ``torch.save`` file, safely.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable checkpoint (truncated, corrupted, not weights).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            checkpoint = load_file(str(path), device="cpu")
+        else:
+            # argparse.Namespace is allowed because the authors' training checkpoints store their args.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every reader failure means the same thing to the user
+        raise ValueError(f"checkpoint: cannot read {path} as weights ({type(error).__name__}: {error})") from error
+    return unwrap_state_dict(checkpoint)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> NamedTuple:
+    """Load weights from ``path`` into ``model`` (see :func:`read_state_dict` for formats).
+
+    Returns torch's ``(missing_keys, unexpected_keys)`` named tuple.
+
+    Raises:
+        ValueError: with ``strict``, when keys are missing or unexpected, or shapes differ; the message
+            lists them.
+    """
+    state_dict = read_state_dict(path)
+    own = model.state_dict()
+    mismatched = [
+        f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and own[key].shape != value.shape
+    ]
+    if mismatched:
+        raise ValueError(f"checkpoint {path}: shapes differ from the model: " + "; ".join(mismatched[:10]))
+    result = model.load_state_dict(state_dict, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise ValueError(
+            f"checkpoint {path} does not match {type(model).__name__}: "
+            f"missing keys {result.missing_keys[:10]}{' ...' if len(result.missing_keys) > 10 else ''}, "
+            f"unexpected keys {result.unexpected_keys[:10]}{' ...' if len(result.unexpected_keys) > 10 else ''}"
+        )
+    return result
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model``'s weights: safetensors for a ``.safetensors`` path, else the authors' format
+    (``torch.save({"model": state_dict})``). The file is written to a temporary name and renamed, so an
+    interrupted save never leaves a truncated file at ``path``."""
+    path = Path(path)
+    state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    temporary = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        save_file(state_dict, str(temporary))
+    else:
+        torch.save({"model": state_dict}, temporary)
+    os.replace(temporary, path)
+    return path

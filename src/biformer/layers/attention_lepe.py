@@ -1,0 +1,97 @@
+"""Plain multi-head self-attention with a LePE conv: the last stage of every released BiFormer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._checks import check_feature_map, check_positive_int
+from .bra import make_lepe
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """(N, heads, L, d) x3 -> (N, heads, L, d)."""
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
+class AttentionLePE(nn.Module):
+    """Global attention on NHWC maps; LePE (depth-wise conv) on the attention *input* is added.
+
+    Reference ``AttentionLePE``: ``qkv`` Linear without bias, per-head scale ``(dim / num_heads) ** -0.5``,
+    ``proj`` Linear. With ``side_dwconv=0`` it is the reference's plain ``Attention``.
+
+    Shapes: (N, H, W, dim) -> (N, H, W, dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        side_dwconv: int = 5,
+    ) -> None:
+        super().__init__()
+        self.dim = check_positive_int(dim, name="dim")
+        self.num_heads = check_positive_int(num_heads, name="num_heads")
+        if dim % num_heads:
+            raise ValueError(f"num_heads: dim ({dim}) must be divisible by num_heads, got num_heads={num_heads}")
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = make_lepe(dim, side_dwconv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) -> (N, H, W, C)."""
+        check_feature_map(x, name="AttentionLePE input", layout="NHWC", channels=self.dim)
+        batch, height, width, channels = x.shape
+        head_dim = channels // self.num_heads
+        qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, heads, H*W, d)
+        out = _attention(query, key, value, self.scale)
+        out = out.transpose(1, 2).reshape(batch, height, width, channels)  # (N, H, W, C)
+        if self.lepe is not None:
+            out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj(out)
+
+
+class AttentionLePENCHW(nn.Module):
+    """Global attention on NCHW maps with 1x1-conv projections; LePE on V (reference ``nchwAttentionLePE``).
+
+    Shapes: (N, dim, H, W) -> (N, dim, H, W).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        side_dwconv: int = 5,
+    ) -> None:
+        super().__init__()
+        self.dim = check_positive_int(dim, name="dim")
+        self.num_heads = check_positive_int(num_heads, name="num_heads")
+        if dim % num_heads:
+            raise ValueError(f"num_heads: dim ({dim}) must be divisible by num_heads, got num_heads={num_heads}")
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Conv2d(dim, 3 * dim, kernel_size=1, bias=qkv_bias)
+        self.proj = nn.Conv2d(dim, dim, kernel_size=1)
+        self.lepe = make_lepe(dim, side_dwconv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        check_feature_map(x, name="AttentionLePENCHW input", layout="NCHW", channels=self.dim)
+        batch, channels, height, width = x.shape
+        head_dim = channels // self.num_heads
+        query, key, value = self.qkv(x).chunk(3, dim=1)  # 3 x (N, C, H, W)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, self.num_heads, head_dim, height * width).transpose(-1, -2)
+
+        out = _attention(heads(query), heads(key), heads(value), self.scale)  # (N, heads, H*W, d)
+        out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if self.lepe is not None:
+            out = out + self.lepe(value)
+        return self.proj(out)

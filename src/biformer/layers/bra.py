@@ -1,0 +1,171 @@
+"""Bi-Level Routing Attention (BRA), NHWC, parameter-compatible with the reference ``BiLevelRoutingAttention``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .._checks import check_feature_map, check_positive_int
+from ..ops.attention import check_backend, routed_attention
+from ..ops.regions import image_to_regions, pad_bottom_right, regions_to_image
+from ..ops.routing import route_regions
+
+
+def make_lepe(dim: int, kernel_size: int) -> nn.Conv2d | None:
+    """Depth-wise conv used as local context enhancement (``None`` when ``kernel_size`` is 0)."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 0:
+        raise ValueError(f"side_dwconv: expected 0 (off) or a positive odd integer, got {kernel_size!r}")
+    if kernel_size == 0:
+        return None
+    if kernel_size % 2 == 0:
+        raise ValueError(f"side_dwconv: expected an odd kernel size (the map size must not change), got {kernel_size}")
+    return nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
+
+
+def check_unsupported(name: str, value: object, supported: object) -> None:
+    """Raise ``NotImplementedError`` for a reference option value no released model uses."""
+    if value != supported:
+        raise NotImplementedError(
+            f"{name}={value!r} is not implemented (no released BiFormer uses it); supported: {supported!r}"
+        )
+
+
+class QKVLinear(nn.Module):
+    """One Linear producing [q | k | v] channels (the reference's ``qkv.qkv`` parameters)."""
+
+    def __init__(self, dim: int, qk_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., 2 * qk_dim + dim)."""
+        return self.qkv(x)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-Level Routing Attention on NHWC maps (Zhu et al., CVPR 2023).
+
+    The map is split into ``n_win`` x ``n_win`` regions. Each query region picks the ``topk`` key regions
+    whose mean key best matches its mean query; its tokens then attend to the tokens of those regions.
+    A depth-wise conv on V (local context enhancement) is added before the output projection.
+
+    Args:
+        dim: channels of input and output.
+        num_heads: attention heads (``dim`` and ``qk_dim`` must be divisible by it).
+        n_win: regions per side.
+        qk_dim: channels of q and k (default ``dim``).
+        qk_scale: attention and routing scale (default ``qk_dim ** -0.5``, the full qk_dim as in the
+            reference, not the per-head dim).
+        topk: routed regions per query region, 1 <= topk <= n_win ** 2.
+        side_dwconv: kernel of the local-context conv (0 disables it).
+        auto_pad: zero-pad the input at the bottom/right to multiples of ``n_win`` before the projection
+            (the reference's semantics) and crop the output; otherwise H and W must be multiples of n_win.
+        backend: attention backend (see :func:`biformer.ops.available_backends`), None for the default.
+
+    The reference's remaining keyword arguments (``kv_downsample_mode`` ...) are accepted with the values
+    the released models use; other values raise ``NotImplementedError``.
+
+    Shapes: input (N, H, W, dim) -> output (N, H, W, dim); with ``return_routing=True`` also the routed
+    region indices, int64 (N, n_win ** 2, topk), region id = grid_row * n_win + grid_col.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        qk_dim: int | None = None,
+        qk_scale: float | None = None,
+        topk: int = 4,
+        side_dwconv: int = 3,
+        auto_pad: bool = False,
+        backend: str | None = None,
+        *,
+        kv_per_win: int = 4,
+        kv_downsample_ratio: int = 4,
+        kv_downsample_kernel: int | None = None,
+        kv_downsample_mode: str = "identity",
+        param_attention: str = "qkvo",
+        param_routing: bool = False,
+        diff_routing: bool = False,
+        soft_routing: bool = False,
+    ) -> None:
+        super().__init__()
+        del kv_per_win, kv_downsample_ratio, kv_downsample_kernel  # only used by kv downsampling modes
+        check_unsupported("kv_downsample_mode", kv_downsample_mode, "identity")
+        check_unsupported("param_attention", param_attention, "qkvo")
+        check_unsupported("param_routing", param_routing, False)
+        check_unsupported("diff_routing", diff_routing, False)
+        check_unsupported("soft_routing", soft_routing, False)
+        self.dim = check_positive_int(dim, name="dim")
+        self.num_heads = check_positive_int(num_heads, name="num_heads")
+        self.n_win = check_positive_int(n_win, name="n_win")
+        self.qk_dim = check_positive_int(qk_dim or dim, name="qk_dim")
+        if self.dim % num_heads or self.qk_dim % num_heads:
+            raise ValueError(
+                f"num_heads: dim ({self.dim}) and qk_dim ({self.qk_dim}) must be divisible by num_heads, "
+                f"got num_heads={num_heads}"
+            )
+        self.topk = check_positive_int(topk, name="topk")
+        if topk > n_win**2:
+            raise ValueError(f"topk: expected at most n_win ** 2 = {n_win**2} regions, got {topk}")
+        if qk_scale is not None and not qk_scale > 0:
+            raise ValueError(f"qk_scale: expected None or a positive number, got {qk_scale!r}")
+        self.scale = qk_scale or self.qk_dim**-0.5
+        self.auto_pad = bool(auto_pad)
+        self.backend = check_backend(backend)
+        self.routing_sink: tuple[dict, str] | None = None  # set by biformer.record_routing
+        # Parameter creation order fixes the state_dict order: lepe, qkv, wo (as the reference).
+        self.lepe = make_lepe(dim, side_dwconv)
+        self.qkv = QKVLinear(dim, self.qk_dim)
+        self.wo = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, n_win={self.n_win}, "
+            f"topk={self.topk}, auto_pad={self.auto_pad}, backend={self.backend}"
+        )
+
+    def _check_size(self, height: int, width: int) -> None:
+        if height % self.n_win or width % self.n_win:
+            raise ValueError(
+                f"BiLevelRoutingAttention input: H and W must be multiples of n_win={self.n_win} "
+                f"when auto_pad=False, got H={height}, W={width}; pass auto_pad=True to pad"
+            )
+
+    def forward(
+        self, x: torch.Tensor, return_routing: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(N, H, W, C) -> (N, H, W, C) [, topk_index (N, n_win**2, topk)]."""
+        check_feature_map(x, name="BiLevelRoutingAttention input", layout="NHWC", channels=self.dim)
+        height, width = x.shape[1], x.shape[2]
+        if self.auto_pad:
+            x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)
+        else:
+            self._check_size(height, width)
+        grid = self.n_win
+        region_h, region_w = x.shape[1] // grid, x.shape[2] // grid
+
+        qkv = self.qkv(x)  # (N, H, W, 2*qk_dim + C)
+        qkv_regions = image_to_regions(qkv, grid, grid)  # (N, S*S, h*w, 2*qk_dim + C)
+        query = qkv_regions[..., : self.qk_dim]  # (N, S*S, h*w, qk_dim)
+        key_value = qkv_regions[..., self.qk_dim :]  # (N, S*S, h*w, qk_dim + C)
+        topk_index = route_regions(
+            query.mean(dim=2), key_value[..., : self.qk_dim].mean(dim=2), self.topk, self.scale
+        )  # (N, S*S, topk)
+        out = routed_attention(
+            query, key_value, topk_index, num_heads=self.num_heads, scale=self.scale, backend=self.backend
+        )  # (N, S*S, h*w, C)
+        out = regions_to_image(out, grid, grid, region_h, region_w)  # (N, H, W, C)
+        if self.lepe is not None:
+            value_image = qkv[..., 2 * self.qk_dim :].permute(0, 3, 1, 2)  # (N, C, H, W)
+            out = out + self.lepe(value_image).permute(0, 2, 3, 1)
+        out = self.wo(out)
+        if out.shape[1] != height or out.shape[2] != width:
+            out = out[:, :height, :width, :].contiguous()
+        if self.routing_sink is not None:
+            records, name = self.routing_sink
+            records[name] = topk_index.detach()
+        return (out, topk_index) if return_routing else out

@@ -1,0 +1,165 @@
+"""What every BiFormer family shares: a four-stage pyramid with the timm model interface.
+
+Subclasses build ``downsample_layers`` (4), ``stages`` (4, each with a ``grad_checkpointing`` flag),
+``norm``, ``head_drop`` and ``head``, set ``in_chans``, ``embed_dim``, ``num_classes`` and
+``min_input_size``, then call :meth:`_init_feature_info`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models._features import feature_take_indices
+from torch.utils.checkpoint import checkpoint
+
+from .._checks import check_feature_map
+
+NUM_STAGES = 4
+
+
+def run_blocks(blocks: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Run ``blocks`` in order, re-computing each in backward when ``grad_checkpointing``."""
+    for block in blocks:
+        if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+def stochastic_depth_rates(depth: list[int] | tuple[int, ...], drop_path_rate: float) -> list[list[float]]:
+    """Per-stage lists of drop-path rates, linear in the block index from 0 to ``drop_path_rate``."""
+    rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+    starts = [sum(depth[:i]) for i in range(len(depth))]
+    return [rates[start : start + count] for start, count in zip(starts, depth)]
+
+
+def check_stage_list(values: object, name: str) -> list:
+    """Check a per-stage list of length 4."""
+    if not isinstance(values, (list, tuple)) or len(values) != NUM_STAGES:
+        raise ValueError(f"{name}: expected a list of {NUM_STAGES} per-stage values, got {values!r}")
+    return list(values)
+
+
+class PyramidClassifier(nn.Module):
+    """timm-style interface on top of ``downsample_layers`` / ``stages`` / ``norm`` / ``head``."""
+
+    in_chans: int
+    embed_dim: list[int]
+    num_classes: int
+    min_input_size: int = 1
+
+    def _init_feature_info(self) -> None:
+        self.num_features = self.head_hidden_size = self.embed_dim[-1]
+        self.feature_info = [
+            dict(num_chs=self.embed_dim[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(NUM_STAGES)
+        ]
+
+    # --- timm conventions -------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters to exclude from weight decay: the conditional position encodings."""
+        return {name for name, _ in self.named_parameters() if ".pos_embed." in name}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning-rate decay (timm's ``group_matcher`` format)."""
+        return dict(
+            stem=r"^downsample_layers\.0",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^downsample_layers\.(\d+)", (0,)),
+                (r"^stages\.(\d+)\.(?:blocks\.)?(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Re-compute block activations in backward (saves memory, costs about one extra forward)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh ``num_classes``-way Linear (0: no head, features are returned)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes: expected an integer >= 0, got {num_classes!r}")
+        if global_pool not in (None, "", "avg"):
+            raise ValueError(f"global_pool: only 'avg' pooling is supported, got {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- forward ---------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_feature_map(x, name=f"{type(self).__name__} input", layout="NCHW", channels=self.in_chans)
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"{type(self).__name__} input: expected H and W >= {self.min_input_size}, "
+                f"got {tuple(x.shape[-2:])}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_chans, H, W) -> final normalised map (N, C4, ~H/32, ~W/32)."""
+        self._check_input(x)
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(N, C4, h, w) -> pooled features (N, C4) if ``pre_logits`` else logits (N, num_classes)."""
+        x = self.head_drop(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_chans, H, W) -> logits (N, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (NCHW, strides 4, 8, 16, 32) and optionally the final features.
+
+        Args:
+            indices: stages to return: None for all, an int n for the last n, or a list of indices.
+            norm: apply the final norm to the last stage's output when it is returned.
+            stop_early: stop after the last requested stage (only with ``intermediates_only``).
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of stage maps.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt: only 'NCHW' is supported, got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        intermediates = []
+        stop = max_index if (stop_early and intermediates_only) else last
+        for index in range(stop + 1):
+            x = self.stages[index](self.downsample_layers[index](x))
+            if index in take_indices:
+                intermediates.append(self.norm(x) if norm and index == last else x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and norm/head) not needed to produce ``indices``; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        self.downsample_layers = self.downsample_layers[: max_index + 1]
+        self.num_features = self.head_hidden_size = self.embed_dim[max_index]
+        if prune_norm or max_index < NUM_STAGES - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices

@@ -1,0 +1,254 @@
+"""BiFormer in the Swin-T layout (``biformer_stl``, ``biformer_stl_nchw``): the paper's ablation models.
+
+``BiFormerSTL`` follows the authors' ``models/biformer_stl.py`` (NHWC stages, legacy BRA);
+``BiFormerSTLNCHW`` follows ``models/biformer_stl_nchw.py`` (NCHW throughout, refactored BRA, 1x1-conv
+projections). Both have a patchify stem (4x4 conv), norm-then-conv patch merging, blocks without position
+conv, and a final norm + average pool + linear head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerNorm2d
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .._checks import check_positive_int
+from ..layers import AttentionLePE, AttentionLePENCHW, BiLevelRoutingAttention, BiLevelRoutingAttentionNCHW
+from ._pyramid import PyramidClassifier, check_stage_list, run_blocks, stochastic_depth_rates
+from .biformer import _cfg, _init_weights, checkpoint_filter_fn
+
+__all__ = ["BiFormerSTL", "BiFormerSTLNCHW"]
+
+_NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {"BatchNorm2d": nn.BatchNorm2d, "LayerNorm2d": LayerNorm2d}
+
+
+def resolve_norm_layer(norm_layer: object) -> Callable[[int], nn.Module]:
+    """A norm-layer class from a class or a name (``"torch.nn.BatchNorm2d"``, ``"LayerNorm2d"``, ...).
+
+    Names are looked up in a fixed table (nothing is imported from the string).
+    """
+    if isinstance(norm_layer, str):
+        name = norm_layer.rsplit(".", 1)[-1]
+        if name not in _NORM_LAYERS:
+            raise ValueError(f"norm_layer: expected one of {sorted(_NORM_LAYERS)} or a class, got {norm_layer!r}")
+        return _NORM_LAYERS[name]
+    if callable(norm_layer):
+        return norm_layer
+    raise ValueError(f"norm_layer: expected a norm-layer class or its name, got {norm_layer!r}")
+
+
+class STLBlockNHWC(nn.Module):
+    """``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` on NHWC maps (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) -> (N, H, W, C)."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class STLBlockNCHW(nn.Module):
+    """The NCHW block: LayerNorm2d and a 1x1-conv MLP (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.norm1 = LayerNorm2d(dim, eps=1e-6)
+        self.attn = attn
+        self.norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class STLStage(nn.Module):
+    """A stack of blocks (keys ``stages.i.blocks.j``); NCHW in and out, ``channels_last`` blocks inside."""
+
+    grad_checkpointing = False
+
+    def __init__(self, blocks: list[nn.Module], channels_last: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        if self.channels_last:
+            x = x.permute(0, 2, 3, 1)  # (N, H, W, C)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+
+class _STLBase(PyramidClassifier):
+    """Shared constructor of the two Swin-layout models."""
+
+    channels_last: bool
+    min_input_size = 32  # the 4x4 patchify stem and three 2x2 mergings need at least 32 px
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depth: list[int] | tuple[int, ...] = (2, 2, 6, 2),
+        embed_dim: list[int] | tuple[int, ...] = (96, 192, 384, 768),
+        head_dim: int = 32,
+        qk_scale: float | None = None,
+        drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        use_checkpoint_stages: list[int] | tuple[int, ...] = (),
+        mlp_ratios: list[float] | tuple[float, ...] = (4, 4, 4, 4),
+        norm_layer: object = "LayerNorm2d",
+        pre_head_norm_layer: object = None,
+        n_wins: int | list[int] | tuple[int, ...] = (7, 7, 7, 7),
+        topks: int | list[int] | tuple[int, ...] = (1, 4, 16, -2),
+        side_dwconv: int = 5,
+        auto_pad: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        depth = check_stage_list(depth, "depth")
+        embed_dim = check_stage_list(embed_dim, "embed_dim")
+        mlp_ratios = check_stage_list(mlp_ratios, "mlp_ratios")
+        n_wins = check_stage_list([n_wins] * 4 if isinstance(n_wins, int) else n_wins, "n_wins")
+        topks = check_stage_list([topks] * 4 if isinstance(topks, int) else topks, "topks")
+        norm = resolve_norm_layer(norm_layer)
+        self.in_chans = check_positive_int(in_chans, name="in_chans")
+        head_dim = check_positive_int(head_dim, name="head_dim")
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(in_chans, embed_dim[0], kernel_size=4, stride=4), norm(embed_dim[0]))]
+        )
+        for i in range(3):
+            self.downsample_layers.append(
+                nn.Sequential(norm(embed_dim[i]), nn.Conv2d(embed_dim[i], embed_dim[i + 1], kernel_size=2, stride=2))
+            )
+        rates = stochastic_depth_rates(depth, drop_path_rate)
+        self.stages = nn.ModuleList()
+        for i in range(4):
+            blocks = [
+                self._make_block(
+                    embed_dim[i], num_heads=embed_dim[i] // head_dim, n_win=n_wins[i], topk=topks[i],
+                    qk_scale=qk_scale, side_dwconv=side_dwconv, mlp_ratio=mlp_ratios[i], drop_path=rates[i][j],
+                    auto_pad=auto_pad, backend=backend,
+                )
+                for j in range(depth[i])
+            ]
+            stage = STLStage(blocks, channels_last=self.channels_last)
+            stage.grad_checkpointing = i in use_checkpoint_stages
+            self.stages.append(stage)
+        self.norm = resolve_norm_layer(pre_head_norm_layer or norm)(embed_dim[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self._init_feature_info()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    def _make_block(self, dim: int, **kwargs: object) -> nn.Module:
+        raise NotImplementedError
+
+
+class BiFormerSTL(_STLBase):
+    """Swin-T layout with the legacy NHWC BRA (reference ``BiFormerSTL``).
+
+    ``topks``: > 0 BRA, -1 plain attention, -2 attention with LePE on its input (8 heads).
+    ``auto_pad`` (an addition) pads BRA maps to multiples of ``n_win`` so any input size >= 32 px works.
+    Shapes: (N, in_chans, H, W) -> (N, num_classes).
+    """
+
+    channels_last = True
+
+    def _make_block(
+        self, dim: int, *, num_heads: int, n_win: int, topk: int, qk_scale: float | None, side_dwconv: int,
+        mlp_ratio: float, drop_path: float, auto_pad: bool, backend: str | None,
+    ) -> nn.Module:
+        if topk > 0:
+            attn = BiLevelRoutingAttention(
+                dim, num_heads=num_heads, n_win=n_win, qk_scale=qk_scale, topk=topk, side_dwconv=side_dwconv,
+                auto_pad=auto_pad, backend=backend,
+            )
+        elif topk in (-1, -2):
+            attn = AttentionLePE(dim, num_heads=8, side_dwconv=side_dwconv if topk == -2 else 0)
+        else:
+            raise NotImplementedError(f"topks value {topk} is not implemented (use > 0, -1 or -2)")
+        return STLBlockNHWC(dim, attn, mlp_ratio, drop_path)
+
+
+class BiFormerSTLNCHW(_STLBase):
+    """Swin-T layout, all NCHW, with the refactored BRA (reference ``nchwBiFormerSTL``).
+
+    ``topks``: > 0 BRA; -1 (or -2) attention with LePE on V (8 heads). Any input size >= 32 px works.
+    Shapes: (N, in_chans, H, W) -> (N, num_classes).
+    """
+
+    channels_last = False
+
+    def _make_block(
+        self, dim: int, *, num_heads: int, n_win: int, topk: int, qk_scale: float | None, side_dwconv: int,
+        mlp_ratio: float, drop_path: float, auto_pad: bool, backend: str | None,
+    ) -> nn.Module:
+        if topk > 0:
+            attn = BiLevelRoutingAttentionNCHW(
+                dim, num_heads=num_heads, n_win=n_win, qk_scale=qk_scale, topk=topk, side_dwconv=side_dwconv,
+                backend=backend,
+            )
+        elif topk in (-1, -2):
+            attn = AttentionLePENCHW(dim, num_heads=8, side_dwconv=side_dwconv)
+        else:
+            raise NotImplementedError(f"topks value {topk} is not implemented (use > 0 or -1)")
+        return STLBlockNCHW(dim, attn, mlp_ratio, drop_path)
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "biformer_stl.in1k": _cfg(url="https://matix.li/4e9034a91a23"),
+        "biformer_stl_nchw.in1k": _cfg(
+            url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChWYrKbWbMgqd2Ai0/root/content"
+        ),
+    }
+)
+
+_STL_ARCH = dict(
+    depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], head_dim=32,
+    norm_layer="BatchNorm2d", n_wins=[7, 7, 7, 7], side_dwconv=5,
+)
+
+
+def _create(model_cls: type[_STLBase], variant: str, pretrained: bool, **kwargs: object) -> _STLBase:
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+@register_model
+def biformer_stl(pretrained: bool = False, **kwargs: object) -> BiFormerSTL:
+    """BiFormer-STL: Swin-T layout with BRA, 28.4 M parameters, 4.6 GMACs, 82.7% ImageNet top-1."""
+    arch = dict(_STL_ARCH, topks=[1, 4, 16, -2], auto_pad=True, **kwargs)
+    return _create(BiFormerSTL, "biformer_stl", pretrained, **arch)
+
+
+@register_model
+def biformer_stl_nchw(pretrained: bool = False, **kwargs: object) -> BiFormerSTLNCHW:
+    """BiFormer-STL with the authors' refactored NCHW BRA, 28.4 M parameters."""
+    arch = dict(_STL_ARCH, topks=[1, 4, 16, -1], **kwargs)
+    return _create(BiFormerSTLNCHW, "biformer_stl_nchw", pretrained, **arch)
