@@ -55,14 +55,20 @@ def plain_bra(x, layer, auto_pad=False):
     x = x.double()
     n_win, qk_dim, dim = layer.n_win, layer.qk_dim, layer.dim
     _, height, width, _ = x.shape
-    if auto_pad:
-        x = F.pad(x, (0, 0, 0, (-width) % n_win, 0, (-height) % n_win))
+    region = getattr(layer, "region_size", None)
+    if region:
+        x = F.pad(x, (0, 0, 0, (-width) % region, 0, (-height) % region))
+        grid_h, grid_w = x.shape[1] // region, x.shape[2] // region
+    else:
+        if auto_pad:
+            x = F.pad(x, (0, 0, 0, (-width) % n_win, 0, (-height) % n_win))
+        grid_h = grid_w = n_win
     outs, routings = [], []
     for image in x:
         qkv = image @ params["qkv.qkv.weight"].T + params["qkv.qkv.bias"]
         q, k, v = qkv[..., :qk_dim], qkv[..., qk_dim : 2 * qk_dim], qkv[..., 2 * qk_dim :]
         out, routing = plain_routed_attention(
-            q, k, v, n_win, n_win, layer.topk, layer.num_heads, layer.scale, layer.scale
+            q, k, v, grid_h, grid_w, min(layer.topk, grid_h * grid_w), layer.num_heads, layer.scale, layer.scale
         )
         if "lepe.weight" in params:
             lepe = F.conv2d(

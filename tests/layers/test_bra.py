@@ -64,6 +64,29 @@ def test_matches_plain_float64_formulation(config, backend):
         assert_same_routing(routing, expected_routing)
 
 
+@pytest.mark.parametrize("region_size, height, width, topk", [(2, 6, 10, 3), (3, 7, 5, 2), (4, 3, 3, 4)])
+def test_fixed_region_size_matches_plain_float64(region_size, height, width, topk):
+    layer = BiLevelRoutingAttention(dim=8, num_heads=2, topk=topk, region_size=region_size, side_dwconv=3)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(0, 0.5)
+    x = torch.randn(2, height, width, 8)
+    out, routing = layer(x, return_routing=True)
+    expected, expected_routing = plain_bra(x, layer)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grid = (-(-height // region_size)) * (-(-width // region_size))
+    assert routing.shape == (2, grid, min(topk, grid))
+    if grid > 1:
+        assert_same_routing(routing, expected_routing)
+
+
+def test_fixed_region_size_keeps_keys_per_query_constant():
+    layer = BiLevelRoutingAttention(dim=8, num_heads=2, topk=4, region_size=4)
+    for size in (16, 32, 64):
+        _, routing = layer(torch.randn(1, size, size, 8), return_routing=True)
+        assert routing.shape == (1, (size // 4) ** 2, 4)  # 4 regions of 16 tokens = 64 keys at every size
+
+
 def test_topk_all_regions_is_full_attention_plus_lce():
     layer = BiLevelRoutingAttention(dim=8, num_heads=2, n_win=2, topk=4, side_dwconv=3).double()
     x = torch.randn(1, 4, 6, 8, dtype=torch.float64)
@@ -130,6 +153,7 @@ def test_not_a_tensor_raises_value_error(layer):
         (dict(dim=8, num_heads=2, side_dwconv=4), "odd"),
         (dict(dim=8, num_heads=2, qk_scale=-1.0), "qk_scale"),
         (dict(dim=8, num_heads=2, backend="cuda-magic"), "backend"),
+        (dict(dim=8, num_heads=2, region_size=0), "region_size"),
     ],
 )
 def test_bad_hyper_parameters_raise_value_error(kwargs, message):

@@ -52,6 +52,7 @@ def test_without_auto_pad_a_non_divisible_size_names_the_fix():
         (dict(depth=[2, 2, 2]), ValueError, "depth"),
         (dict(in_chans=0), ValueError, "in_chans"),
         (dict(topks=[1, 4, 50, -2]), ValueError, "topk"),
+        (dict(region_sizes=[8, 4]), ValueError, "region_sizes"),
     ],
 )
 def test_bad_constructor_options(kwargs, error, message):
@@ -73,3 +74,12 @@ def test_reference_options_that_are_implemented():
     out = model(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 2)
     assert "stages.0.0.gamma1" in dict(model.named_parameters())
+
+
+def test_region_sizes_reach_every_bra():
+    model = biformer.BiFormer(depth=[1, 1, 1, 1], embed_dim=[32, 64, 96, 128], num_classes=2,
+                              region_sizes=[8, 4, 2, None])
+    assert [model.stages[i][0].attn.region_size for i in range(3)] == [8, 4, 2]
+    with biformer.record_routing(model) as routing:
+        model(torch.randn(1, 3, 128, 96))
+    assert routing["stages.0.0.attn"].shape == (1, 4 * 3, 1)  # 32x24 map, regions of 8x8

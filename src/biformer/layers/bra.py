@@ -63,6 +63,10 @@ class BiLevelRoutingAttention(nn.Module):
         auto_pad: zero-pad the input at the bottom/right to multiples of ``n_win`` before the projection
             (the reference's semantics) and crop the output; otherwise H and W must be multiples of n_win.
         backend: attention backend (see :func:`biformer.ops.available_backends`), None for the default.
+        region_size: if set, regions of ``region_size`` x ``region_size`` tokens instead of ``n_win`` regions
+            per side: the grid follows the input (``ceil(H / region_size)`` x ``ceil(W / region_size)``), so
+            the cost per query stays constant as images grow. The map is padded as with ``auto_pad``;
+            ``topk`` is clamped to the number of regions. Off by default (checkpoint parity).
 
     The reference's remaining keyword arguments (``kv_downsample_mode`` ...) are accepted with the values
     the released models use; other values raise ``NotImplementedError``.
@@ -82,6 +86,7 @@ class BiLevelRoutingAttention(nn.Module):
         side_dwconv: int = 3,
         auto_pad: bool = False,
         backend: str | None = None,
+        region_size: int | None = None,
         *,
         kv_per_win: int = 4,
         kv_downsample_ratio: int = 4,
@@ -109,7 +114,8 @@ class BiLevelRoutingAttention(nn.Module):
                 f"got num_heads={num_heads}"
             )
         self.topk = check_positive_int(topk, name="topk")
-        if topk > n_win**2:
+        self.region_size = None if region_size is None else check_positive_int(region_size, name="region_size")
+        if region_size is None and topk > n_win**2:
             raise ValueError(f"topk: expected at most n_win ** 2 = {n_win**2} regions, got {topk}")
         if qk_scale is not None and not qk_scale > 0:
             raise ValueError(f"qk_scale: expected None or a positive number, got {qk_scale!r}")
@@ -126,6 +132,7 @@ class BiLevelRoutingAttention(nn.Module):
         return (
             f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, n_win={self.n_win}, "
             f"topk={self.topk}, auto_pad={self.auto_pad}, backend={self.backend}"
+            + (f", region_size={self.region_size}" if self.region_size else "")
         )
 
     def _check_size(self, height: int, width: int) -> None:
@@ -138,27 +145,33 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, return_routing: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """(N, H, W, C) -> (N, H, W, C) [, topk_index (N, n_win**2, topk)]."""
+        """(N, H, W, C) -> (N, H, W, C) [, topk_index (N, grid_h * grid_w, topk)]; the grid is n_win x n_win
+        unless ``region_size`` is set."""
         check_feature_map(x, name="BiLevelRoutingAttention input", layout="NHWC", channels=self.dim)
         height, width = x.shape[1], x.shape[2]
-        if self.auto_pad:
-            x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)
+        if self.region_size is not None:
+            x, _, _ = pad_bottom_right(x, self.region_size, self.region_size)
+            grid_h, grid_w = x.shape[1] // self.region_size, x.shape[2] // self.region_size
         else:
-            self._check_size(height, width)
-        grid = self.n_win
-        region_h, region_w = x.shape[1] // grid, x.shape[2] // grid
+            if self.auto_pad:
+                x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)
+            else:
+                self._check_size(height, width)
+            grid_h = grid_w = self.n_win
+        region_h, region_w = x.shape[1] // grid_h, x.shape[2] // grid_w
+        topk = min(self.topk, grid_h * grid_w)
 
         qkv = self.qkv(x)  # (N, H, W, 2*qk_dim + C)
-        qkv_regions = image_to_regions(qkv, grid, grid)  # (N, S*S, h*w, 2*qk_dim + C)
+        qkv_regions = image_to_regions(qkv, grid_h, grid_w)  # (N, S*S, h*w, 2*qk_dim + C)
         query = qkv_regions[..., : self.qk_dim]  # (N, S*S, h*w, qk_dim)
         key_value = qkv_regions[..., self.qk_dim :]  # (N, S*S, h*w, qk_dim + C)
         topk_index = route_regions(
-            query.mean(dim=2), key_value[..., : self.qk_dim].mean(dim=2), self.topk, self.scale
+            query.mean(dim=2), key_value[..., : self.qk_dim].mean(dim=2), topk, self.scale
         )  # (N, S*S, topk)
         out = routed_attention(
             query, key_value, topk_index, num_heads=self.num_heads, scale=self.scale, backend=self.backend
         )  # (N, S*S, h*w, C)
-        out = regions_to_image(out, grid, grid, region_h, region_w)  # (N, H, W, C)
+        out = regions_to_image(out, grid_h, grid_w, region_h, region_w)  # (N, H, W, C)
         if self.lepe is not None:
             value_image = qkv[..., 2 * self.qk_dim :].permute(0, 3, 1, 2)  # (N, C, H, W)
             out = out + self.lepe(value_image).permute(0, 2, 3, 1)

@@ -32,6 +32,7 @@ def make_attention(
     side_dwconv: int,
     auto_pad: bool,
     backend: str | None,
+    region_size: int | None = None,
 ) -> nn.Module:
     """The token mixer of one block, chosen by ``topk`` as in the reference.
 
@@ -42,7 +43,7 @@ def make_attention(
     if topk > 0:
         return BiLevelRoutingAttention(
             dim, num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale, topk=topk,
-            side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend,
+            side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend, region_size=region_size,
         )
     if topk in (-1, -2):
         # The reference builds these with their default 8 heads, whatever head_dim says.
@@ -73,6 +74,7 @@ class Block(nn.Module):
         pre_norm: bool = True,
         auto_pad: bool = False,
         backend: str | None = None,
+        region_size: int | None = None,
     ) -> None:
         super().__init__()
         if layer_scale_init_value > 0:
@@ -90,7 +92,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = make_attention(
             dim, topk, num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale,
-            side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend,
+            side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend, region_size=region_size,
         )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(mlp_ratio * dim)
@@ -131,7 +133,9 @@ class BiFormer(PyramidClassifier):
     Keyword arguments are the reference's (a fixture's ``constructor_kwargs`` build the same network);
     the defaults are biformer_tiny's (the reference's own defaults did not build). Options no released
     model uses raise ``NotImplementedError`` naming the option. Additions: ``backend`` (attention backend
-    of every BRA, see :func:`biformer.ops.available_backends`).
+    of every BRA, see :func:`biformer.ops.available_backends`) and ``region_sizes`` (per stage, None or a
+    region side in tokens: regions of fixed size instead of ``n_win`` per side, see
+    :class:`~biformer.layers.BiLevelRoutingAttention`; off by default for checkpoint parity).
 
     ``auto_pad=True`` lets the network take any H and W (BRA pads each map to a multiple of ``n_win``, the
     reference's detection/segmentation semantics); with ``auto_pad=False`` the stage maps must be
@@ -174,6 +178,7 @@ class BiFormer(PyramidClassifier):
         param_attention: str = "qkvo",
         mlp_dwconv: bool = False,
         backend: str | None = None,
+        region_sizes: list[int | None] | tuple[int | None, ...] | None = None,
     ) -> None:
         super().__init__()
         del kv_per_wins, kv_downsample_kernels, kv_downsample_ratios, pe_stages  # unused in identity mode / pe=None
@@ -193,6 +198,7 @@ class BiFormer(PyramidClassifier):
         embed_dim = check_stage_list(embed_dim, "embed_dim")
         topks = check_stage_list(topks, "topks")
         mlp_ratios = check_stage_list(mlp_ratios, "mlp_ratios")
+        region_sizes = check_stage_list(region_sizes or [None] * 4, "region_sizes")
         qk_dims = [q or d for q, d in zip(check_stage_list(qk_dims or [None] * 4, "qk_dims"), embed_dim)]
         self.in_chans = check_positive_int(in_chans, name="in_chans")
         head_dim = check_positive_int(head_dim, name="head_dim")
@@ -225,7 +231,7 @@ class BiFormer(PyramidClassifier):
                         num_heads=qk_dims[i] // head_dim, n_win=n_win, qk_dim=qk_dims[i], qk_scale=qk_scale,
                         topk=topks[i], mlp_ratio=mlp_ratios[i], side_dwconv=side_dwconv,
                         before_attn_dwconv=before_attn_dwconv, pre_norm=pre_norm, auto_pad=auto_pad,
-                        backend=backend,
+                        backend=backend, region_size=region_sizes[i],
                     )
                     for j in range(depth[i])
                 ]
