@@ -83,3 +83,15 @@ def test_region_sizes_reach_every_bra():
     with biformer.record_routing(model) as routing:
         model(torch.randn(1, 3, 128, 96))
     assert routing["stages.0.0.attn"].shape == (1, 4 * 3, 1)  # 32x24 map, regions of 8x8
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_propagate_without_crashing(tiny, value):
+    """No check on every forward (it would cost a device sync): NaN/inf flow through to the output as NaN,
+    never into an index error inside the routing. Training stops on a non-finite loss instead."""
+    x = torch.randn(1, 3, 64, 64)
+    x[0, :, 10, 10] = value
+    with torch.no_grad():
+        out = tiny(x)
+    assert out.shape == (1, 3)
+    assert not torch.isfinite(out).all()
