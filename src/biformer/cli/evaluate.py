@@ -1,0 +1,114 @@
+"""biformer eval: top-1/top-5 accuracy, per-class accuracy and a confusion matrix of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .train import add_config_flags, given_config_values, report_error
+
+EPILOG = """\
+Our checkpoints (RUN/checkpoints/*.safetensors) know their dataset and preprocessing: `biformer eval FILE`
+re-evaluates on the run's evaluation split. Other weights (the authors' .pth) need --model and a dataset:
+  biformer eval biformer_tiny_in1k.pth --model biformer_tiny --dataset imagefolder --data-dir imagenet \\
+      --val-split val
+Writes eval.json (all metrics, per-class accuracy, confusion matrix) and confusion.png to --output.
+"""
+
+DATA_FLAGS = ("dataset", "data_dir", "val_split", "download", "batch_size", "workers", "device", "precision",
+              "threads", "progress", "input_size", "crop_pct", "interpolation")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix",
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="weights file: ours (.safetensors) or another (then pass --model)")
+    parser.add_argument("--model", dest="model_name", metavar="MODEL",
+                        help="timm model name, for weights files that are not our checkpoints")
+    parser.add_argument("--output", dest="output_dir", metavar="DIR",
+                        help="where to write eval.json and confusion.png (default: CHECKPOINT_STEM-eval beside it)")
+    add_config_flags(parser, DATA_FLAGS)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def plot_confusion(path: Path, confusion: list[list[int]], class_names: list[str]) -> None:
+    """Row-normalised confusion matrix (true class down, predicted across) as a PNG; counts when few classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=np.float64)  # (true, predicted)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.5 * len(class_names), 30)
+    figure, axis = plt.subplots(figsize=(size, size))
+    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axis, fraction=0.046, label="fraction of the true class")
+    if len(class_names) <= 30:
+        axis.set_xticks(range(len(class_names)), class_names, rotation=60, ha="right")
+        axis.set_yticks(range(len(class_names)), class_names)
+        for row in range(len(class_names)):
+            for column in range(len(class_names)):
+                if counts[row, column]:
+                    color = "white" if rates[row, column] > 0.5 else "black"
+                    axis.text(column, row, int(counts[row, column]), ha="center", va="center", fontsize=7, color=color)
+    axis.set(xlabel="predicted class", ylabel="true class", title="confusion matrix")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _print_report(metrics: dict[str, Any], class_names: list[str], samples_name: str) -> None:
+    print(f"{samples_name}: {metrics['samples']} images")
+    print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
+    width = max(len(name) for name in class_names)
+    print("per-class top-1:")
+    for name, value in zip(class_names, metrics["per_class_top1"]):
+        print(f"  {name:<{width}}  {value:6.2f}%")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..images import ImageError
+    from ..train import ConfigError
+    from ..train.data import DataError
+    from ..train.distributed import setup
+    from ..train.engine import ShardSampler, evaluate
+    from ..train.inference import load_for_inference
+
+    try:
+        overrides = given_config_values(args)
+        loaded = load_for_inference(args.checkpoint, args.model_name, overrides)
+        config, task, info = loaded.config, loaded.task, loaded.info
+        checkpoint = Path(args.checkpoint)
+        output = Path(args.output_dir) if args.output_dir else checkpoint.with_name(checkpoint.stem + "-eval")
+        output.mkdir(parents=True, exist_ok=True)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        dist = setup(config.device)
+        data = task.build_data(("eval",), info)
+        loader = DataLoader(data.eval, batch_size=config.batch_size, num_workers=config.workers,
+                            collate_fn=data.collate_fn, sampler=ShardSampler(data.eval, dist.rank, dist.world_size))
+        metrics = evaluate(loaded.model.to(dist.device), loader, task.new_metrics(info), dist, config.precision,
+                           config.progress and dist.is_main)
+        dist.shutdown()
+    except (ConfigError, DataError, ImageError, FileNotFoundError, ValueError) as error:
+        return report_error("eval", error)
+    if dist.is_main:
+        class_names = info["class_names"]
+        split = "test" if config.dataset == "fashion-mnist" else config.val_split
+        _print_report(metrics, class_names, f"{config.dataset} {split}")
+        report = dict(checkpoint=str(args.checkpoint), dataset=config.dataset, data_dir=config.data_dir,
+                      split=split, class_names=class_names, **metrics)
+        (output / "eval.json").write_text(json.dumps(report, indent=1))
+        plot_confusion(output / "confusion.png", metrics["confusion"], class_names)
+        print(f"wrote {output / 'eval.json'} and {output / 'confusion.png'}")
+    return 0

@@ -1,0 +1,27 @@
+"""Training, evaluation and prediction for BiFormer models (the ``biformer train|eval|predict`` commands).
+
+The engine is generic over a :class:`~biformer.train.task.Task` (see that module for the interface);
+image classification (:mod:`biformer.train.classification`) is the first one. Importing this package
+registers the ``classification`` task and the ``biformer_nano`` model with timm.
+"""
+
+from . import classification, models  # noqa: F401  (register the task and biformer_nano)
+from .config import ConfigError, TrainConfig, load_config, load_yaml, save_config
+from .engine import Trainer, evaluate
+from .task import TASKS, MetricSums, Task, TaskData, get_task, register_task
+
+__all__ = [
+    "TASKS",
+    "ConfigError",
+    "MetricSums",
+    "Task",
+    "TaskData",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "get_task",
+    "load_config",
+    "load_yaml",
+    "register_task",
+    "save_config",
+]

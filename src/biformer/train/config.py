@@ -1,0 +1,242 @@
+"""The training configuration: one flat dataclass, filled from defaults, then a YAML file, then flags.
+
+Every field is also a command-line flag (``lr_base`` -> ``--lr-base``); the field's ``help`` metadata is the
+flag's help text. The defaults are the quick start's: ``biformer train`` with no arguments trains
+``biformer_nano`` on Fashion-MNIST. The resolved configuration is written to ``config.yaml`` in the run
+folder, and ``--resume RUN`` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "load_yaml", "save_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names the option."""
+
+
+def _option(default: Any, help_text: str) -> Any:
+    """A dataclass field with its command-line help; lists and dicts get a fresh copy per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=dict(help=help_text))
+    return field(default=default, metadata=dict(help=help_text))
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. See the README section "Training, evaluation, prediction"."""
+
+    # --- what to train ------------------------------------------------------------------------
+    task: str = _option("classification", "what to train (the Task registered under this name)")
+    model: str = _option("biformer_nano", "timm model name (biformer_nano, biformer_tiny, ...)")
+    model_kwargs: dict = _option(
+        {"n_win": 2, "topks": [2, 2, 4, -2]},
+        "extra keyword arguments of the model, as YAML/JSON (default: 2 regions per side for 32 px images)",
+    )
+    pretrained: str | None = _option(
+        None, "fine-tune from this weights file (ours .safetensors or the authors' .pth); a new head is made "
+        "when the class count differs"
+    )
+    # --- data ---------------------------------------------------------------------------------
+    dataset: str = _option("fashion-mnist", "fashion-mnist, imagefolder (DIR/train, DIR/val) or csv (DIR/train.csv)")
+    data_dir: str | None = _option(None, "dataset folder (fashion-mnist: searched in the usual places if unset)")
+    train_split: str = _option("train", "training split: sub-folder (imagefolder) or CSV name without .csv")
+    val_split: str = _option("val", "evaluation split (fashion-mnist: always its 10k test set)")
+    download: bool = _option(True, "fashion-mnist: download with torchvision when it is not installed")
+    input_size: int | None = _option(32, "image side in pixels (None: the model's default)")
+    in_chans: int | None = _option(None, "image channels (None: 1 for fashion-mnist, else 3)")
+    mean: list | None = _option(None, "per-channel normalisation mean (None: the dataset's or ImageNet's)")
+    std: list | None = _option(None, "per-channel normalisation std (None: the dataset's or ImageNet's)")
+    interpolation: str = _option("bilinear", "resize interpolation (bilinear, bicubic)")
+    crop_pct: float = _option(1.0, "evaluation: resize to input_size / crop_pct, then centre crop")
+    workers: int = _option(1, "data-loading worker processes per rank (0: load in the training process)")
+    # --- augmentation (timm) --------------------------------------------------------------------
+    scale: list = _option([0.75, 1.0], "random-resized-crop area range")
+    hflip: float = _option(0.5, "horizontal flip probability")
+    color_jitter: float | None = _option(None, "colour jitter strength (None: off)")
+    auto_augment: str | None = _option(
+        None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9 (RandAugment); None: off"
+    )
+    reprob: float = _option(0.0, "random erasing probability")
+    mixup: float = _option(0.0, "mixup alpha (0: off)")
+    cutmix: float = _option(0.0, "cutmix alpha (0: off)")
+    mixup_prob: float = _option(1.0, "probability of applying mixup or cutmix to a batch")
+    smoothing: float = _option(0.1, "label smoothing")
+    # --- optimisation -----------------------------------------------------------------------------
+    epochs: int = _option(8, "training epochs")
+    batch_size: int = _option(128, "images per step per process")
+    accum_steps: int = _option(1, "gradient accumulation: micro-batches per optimizer step")
+    opt: str = _option("adamw", "timm optimizer name")
+    lr: float | None = _option(None, "learning rate (None: lr_base * global batch / lr_base_size)")
+    lr_base: float = _option(8e-3, "learning rate for a global batch of lr_base_size images")
+    lr_base_size: int = _option(512, "global batch size lr_base refers to")
+    weight_decay: float = _option(0.05, "AdamW weight decay (not applied to biases, norms, no_weight_decay())")
+    sched: str = _option("cosine", "timm learning-rate schedule")
+    warmup_epochs: float = _option(0.5, "linear warm-up length in epochs")
+    warmup_lr: float = _option(1e-5, "learning rate at the start of warm-up")
+    min_lr: float = _option(1e-5, "final learning rate of the schedule")
+    clip_grad: float | None = _option(None, "clip the gradient norm to this value (None: off)")
+    drop_path: float = _option(0.0, "stochastic depth rate")
+    model_ema: bool = _option(False, "keep an exponential moving average of the weights and evaluate it")
+    model_ema_decay: float = _option(0.999, "EMA decay per optimizer step")
+    precision: str = _option("fp32", "fp32 or bf16 (bf16 autocast)")
+    grad_checkpointing: bool = _option(False, "re-compute activations in backward to save memory")
+    # --- run --------------------------------------------------------------------------------------
+    seed: int = _option(0, "random seed (data order, augmentation, initialisation)")
+    device: str | None = _option(None, "cpu, cuda, cuda:1 ... (None: cuda when available)")
+    threads: int | None = _option(
+        1, "torch CPU threads per process (None: torch's default, one per core; see the README on shared machines)"
+    )
+    output: str = _option("runs", "folder holding the run folders")
+    name: str | None = _option(None, "run folder name (None: DATASET-MODEL-TIMESTAMP)")
+    eval_every: int = _option(1, "evaluate every this many epochs (and after the last)")
+    progress: bool = _option(True, "show progress bars")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _expected_kind(config_field: dataclasses.Field) -> tuple[type, ...]:
+    """Python types a value of this field may have (``int`` is accepted where a float is expected)."""
+    annotation = str(config_field.type)
+    kinds: tuple[type, ...] = ()
+    for name, kind in (("bool", bool), ("int", int), ("float", (float, int)), ("str", str), ("list", list),
+                       ("dict", dict)):
+        if name in annotation:
+            kinds += kind if isinstance(kind, tuple) else (kind,)
+    return kinds
+
+
+def check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check names and types of configuration ``values`` read from ``source`` (a file or "flags")."""
+    fields = _field_types()
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {unknown}; known options: {sorted(fields)}")
+    for name, value in values.items():
+        config_field = fields[name]
+        if value is None:
+            if "None" not in str(config_field.type):
+                raise ConfigError(f"{source}: option {name!r} cannot be empty (null)")
+            continue
+        kinds = _expected_kind(config_field)
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if wrong_bool or not isinstance(value, kinds):
+            raise ConfigError(
+                f"{source}: option {name!r} expects {config_field.type}, got {value!r} ({type(value).__name__})"
+            )
+    return values
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping of options; clear errors for a missing file, bad YAML or a non-mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config: {path} is not valid YAML ({error})") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of option: value, got {type(values).__name__}")
+    return check_values({str(key).replace("-", "_"): value for key, value in values.items()}, str(path))
+
+
+def load_config(*layers: tuple[dict[str, Any], str]) -> TrainConfig:
+    """Defaults, overridden by each ``(values, source)`` layer in turn (e.g. the YAML file, then flags)."""
+    merged: dict[str, Any] = {}
+    for values, source in layers:
+        merged.update(check_values(values, source))
+    config = TrainConfig(**merged)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Cross-field and range checks; raises :class:`ConfigError` naming the option."""
+    positive = ("epochs", "batch_size", "accum_steps", "lr_base_size", "eval_every")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(config, name)}")
+    for name in ("input_size", "in_chans", "threads"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
+    if config.workers < 0:
+        raise ConfigError(f"option 'workers': expected an integer >= 0, got {config.workers}")
+    for name in ("hflip", "reprob", "mixup_prob"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ConfigError(f"option {name!r}: expected a probability in [0, 1], got {getattr(config, name)}")
+    if not 0.0 <= config.smoothing < 1.0:
+        raise ConfigError(f"option 'smoothing': expected a value in [0, 1), got {config.smoothing}")
+    if not 0.0 <= config.drop_path < 1.0:
+        raise ConfigError(f"option 'drop_path': expected a value in [0, 1), got {config.drop_path}")
+    if not 0.0 < config.model_ema_decay < 1.0:
+        raise ConfigError(f"option 'model_ema_decay': expected a value in (0, 1), got {config.model_ema_decay}")
+    if config.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"option 'precision': expected 'fp32' or 'bf16', got {config.precision!r}")
+    if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
+        raise ConfigError(f"option 'batch_size': mixup/cutmix need an even batch size, got {config.batch_size}")
+    if len(config.scale) != 2 or not 0 < config.scale[0] <= config.scale[1] <= 1:
+        raise ConfigError(f"option 'scale': expected [min, max] with 0 < min <= max <= 1, got {config.scale}")
+    for name in ("lr", "clip_grad"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"option {name!r}: expected None or a positive number, got {value}")
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
+    """Write ``config`` as YAML (atomically: temporary file, then rename)."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(temporary, path)
+    return path
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`TrainConfig`, in declaration order (one command-line flag each)."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def is_flag_switch(config_field: dataclasses.Field) -> bool:
+    """Whether the field is a plain boolean (a ``--name/--no-name`` switch on the command line)."""
+    return str(config_field.type) == "bool"
+
+
+def parse_flag_value(config_field: dataclasses.Field, text: str) -> Any:
+    """Convert a flag's text to the field's type: numbers, ``none``/``null`` for optional fields, YAML for
+    lists and mappings (``--model-kwargs '{n_win: 4}'``, ``--scale '[0.5, 1]'``)."""
+    kinds = _expected_kind(config_field)
+    flag = "--" + config_field.name.replace("_", "-")
+    if text.strip().lower() in ("none", "null") and "None" in str(config_field.type):
+        return None
+    try:
+        if list in kinds or dict in kinds:
+            value = yaml.safe_load(text)
+        elif int in kinds and float not in kinds:
+            value = int(text)
+        elif float in kinds:
+            value = float(text)
+        else:
+            value = text
+    except (ValueError, yaml.YAMLError) as error:
+        raise ConfigError(f"{flag}: expected {config_field.type}, got {text!r}") from error
+    if not isinstance(value, kinds):
+        raise ConfigError(f"{flag}: expected {config_field.type}, got {text!r}")
+    return value

@@ -1,0 +1,260 @@
+"""Image classification data: Fashion-MNIST (idx files), ImageFolder trees and CSV lists of ``path,label``.
+
+Every dataset yields ``(image, label)`` with ``image`` a PIL image in the requested mode (``"L"`` or
+``"RGB"``) before the transform, so timm's transforms (random-resized crop, flip, RandAugment, random
+erasing) apply to all of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..images import open_image
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "CsvImageDataset",
+    "DataError",
+    "FashionMNIST",
+    "find_fashion_mnist",
+    "image_folder",
+    "read_idx",
+]
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+# Where the Debian/Ubuntu package ``dataset-fashion-mnist`` installs the files, then our download cache.
+FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path("~/.cache/biformer/fashion-mnist"))
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used: missing, empty, or malformed. The message says what to do."""
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (the MNIST format; gzip-compressed when the name ends in ``.gz``).
+
+    Layout: two zero bytes, a dtype code, the number of dimensions D, D big-endian uint32 sizes, then the
+    data in C order.
+
+    Raises:
+        DataError: not an idx file, or the data is shorter or longer than the header says.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"idx file {path}: cannot read ({type(error).__name__}: {error})") from error
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"idx file {path}: bad header (expected 0x00 0x00 DTYPE NDIM, got {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"idx file {path}: header says shape {shape} ({expected} bytes), file has {len(raw)} bytes")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _has_fashion_mnist(folder: Path) -> bool:
+    return all(_idx_file(folder, stem) for pair in _IDX_FILES.values() for stem in pair)
+
+
+def find_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The folder holding the four Fashion-MNIST idx files.
+
+    Looks in ``data_dir`` if given, else in /usr/share/datasets/fashion-mnist (the Debian/Ubuntu package
+    ``dataset-fashion-mnist``) and ~/.cache/biformer/fashion-mnist; if not found and ``download``, fetches
+    it there with torchvision.
+
+    Raises:
+        DataError: not found (and not downloadable); the message says how to get it.
+    """
+    candidates = [Path(data_dir).expanduser()] if data_dir else [folder.expanduser() for folder in FASHION_MNIST_DIRS]
+    for folder in candidates:
+        for place in (folder, folder / "FashionMNIST" / "raw"):
+            if _has_fashion_mnist(place):
+                return place
+    failure = ""
+    if download:
+        target = candidates[-1]
+        try:
+            from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+            TorchvisionFashionMNIST(str(target), train=True, download=True)
+            TorchvisionFashionMNIST(str(target), train=False, download=True)
+        except Exception as error:  # noqa: BLE001 - any download failure leads to the same advice
+            failure = f" Downloading it with torchvision into {target} failed ({type(error).__name__}: {error})."
+        else:
+            if _has_fashion_mnist(target / "FashionMNIST" / "raw"):
+                return target / "FashionMNIST" / "raw"
+    raise DataError(
+        "Fashion-MNIST not found in " + ", ".join(str(c) for c in candidates) + "." + failure + " Get it with "
+        "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or run with network access and "
+        "--download (torchvision fetches it), or pass --data-dir DIR with the four idx files "
+        "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+        "t10k-labels-idx1-ubyte.gz)."
+    )
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its idx files: 28 x 28 grayscale images, 10 classes (60k train, 10k test).
+
+    Args:
+        folder: the folder with the idx files (see :func:`find_fashion_mnist`).
+        split: ``"train"`` or ``"test"``.
+        transform: applied to the PIL image (mode ``mode``).
+        mode: PIL mode of the images before the transform (``"L"``, or ``"RGB"`` for 3-channel models).
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, folder: str | os.PathLike, split: str = "train", transform: Callable | None = None,
+                 mode: str = "L") -> None:
+        if split not in _IDX_FILES:
+            raise DataError(f"fashion-mnist split: expected 'train' or 'test', got {split!r}")
+        folder = Path(folder)
+        image_stem, label_stem = _IDX_FILES[split]
+        image_file, label_file = _idx_file(folder, image_stem), _idx_file(folder, label_stem)
+        if image_file is None or label_file is None:
+            raise DataError(f"fashion-mnist: {image_stem}(.gz) and {label_stem}(.gz) not found in {folder}")
+        self.images = read_idx(image_file)  # (N, 28, 28) uint8
+        self.labels = read_idx(label_file).astype(np.int64)  # (N,)
+        if self.images.ndim != 3 or self.labels.ndim != 1 or len(self.images) != len(self.labels):
+            raise DataError(
+                f"fashion-mnist {split}: expected images (N, H, W) and labels (N,), got {self.images.shape} "
+                f"and {self.labels.shape}"
+            )
+        if self.labels.size and not 0 <= self.labels.min() <= self.labels.max() < len(self.classes):
+            raise DataError(f"fashion-mnist {split}: labels outside 0..{len(self.classes) - 1} in {label_file}")
+        self.transform = transform
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        image = Image.fromarray(self.images[index], mode="L").convert(self.mode)
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+def image_folder(root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB",
+                 classes: Sequence[str] | None = None) -> Dataset:
+    """torchvision's ImageFolder (``root/CLASS/image.png``) with our safe image opening.
+
+    Args:
+        classes: expected class names, in label order (the training split's); every class folder of
+            ``root`` must be one of them. None: the sorted folder names.
+    """
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"imagefolder: no such folder: {root} (expected {root}/CLASS_NAME/IMAGE files)")
+    try:
+        # a partial, not a lambda: data-loading workers started with "spawn" (macOS, Windows) pickle it
+        dataset = ImageFolder(str(root), transform=transform, loader=functools.partial(open_image, mode=mode))
+    except (FileNotFoundError, RuntimeError) as error:
+        raise DataError(f"imagefolder {root}: {error} (expected {root}/CLASS_NAME/IMAGE files)") from error
+    if classes is not None:
+        unknown = sorted(set(dataset.classes) - set(classes))
+        if unknown:
+            raise DataError(f"imagefolder {root}: class folders {unknown} are not among the training classes")
+        index = {name: i for i, name in enumerate(classes)}
+        dataset.samples = [(path, index[dataset.classes[label]]) for path, label in dataset.samples]
+        dataset.targets = [label for _, label in dataset.samples]
+        dataset.classes, dataset.class_to_idx = list(classes), index
+    return dataset
+
+
+class CsvImageDataset(Dataset):
+    """Images listed in a CSV file of ``path,label`` rows (an optional ``path,label`` header row).
+
+    Relative paths are relative to the CSV file's folder. Labels are class names (any text); the label
+    index is the name's position in ``classes`` (default: the sorted distinct labels of this file, in
+    numeric order when all are integers).
+    """
+
+    def __init__(self, csv_path: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB",
+                 classes: Sequence[str] | None = None) -> None:
+        csv_path = Path(csv_path)
+        if not csv_path.is_file():
+            raise DataError(f"csv: no such file: {csv_path} (expected rows of path,label)")
+        rows = self._read_rows(csv_path)
+        names = sorted({label for _, label in rows}, key=_label_sort_key(rows))
+        self.classes = list(classes) if classes is not None else names
+        index = {name: i for i, name in enumerate(self.classes)}
+        unknown = sorted(set(names) - set(index))
+        if unknown:
+            raise DataError(f"csv {csv_path}: labels {unknown[:10]} are not among the training classes")
+        self.samples = [(path, index[label]) for path, label in rows]
+        self.transform = transform
+        self.mode = mode
+
+    @staticmethod
+    def _read_rows(csv_path: Path) -> list[tuple[Path, str]]:
+        with open(csv_path, newline="") as handle:
+            lines = list(csv.reader(handle))
+        has_header = bool(lines) and [cell.strip().lower() for cell in lines[0]] == ["path", "label"]
+        rows = []
+        for number, cells in enumerate(lines, start=1):  # numbers are the file's row numbers
+            if (number == 1 and has_header) or not cells or all(not cell.strip() for cell in cells):
+                continue
+            if len(cells) != 2 or not cells[0].strip() or not cells[1].strip():
+                raise DataError(f"csv {csv_path}, row {number}: expected 'path,label', got {cells!r}")
+            path = Path(cells[0].strip())
+            rows.append((path if path.is_absolute() else csv_path.parent / path, cells[1].strip()))
+        if not rows:
+            raise DataError(f"csv {csv_path}: no rows (expected lines of path,label)")
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        path, label = self.samples[index]
+        image = open_image(path, self.mode)
+        return (self.transform(image) if self.transform else image), label
+
+
+def _label_sort_key(rows: list[tuple[Path, str]]) -> Callable[[str], object]:
+    if all(label.lstrip("-").isdigit() for _, label in rows):
+        return int
+    return str
+
+
+def collate_classification(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(image (C, H, W), label)] -> images (N, C, H, W) float, labels (N,) int64."""
+    images = torch.stack([image for image, _ in batch])  # (N, C, H, W)
+    labels = torch.tensor([label for _, label in batch], dtype=torch.int64)  # (N,)
+    return images, labels

@@ -1,0 +1,400 @@
+"""The generic training loop: any :class:`~biformer.train.task.Task`, one process or many (torchrun).
+
+Recipe pieces come from timm: the optimizer (``create_optimizer_v2``: AdamW, no weight decay on biases,
+norms and ``model.no_weight_decay()``), the schedule (``create_scheduler_v2``: cosine with linear warm-up,
+updated every optimizer step), the weight EMA (``ModelEmaV3``) and gradient clipping
+(``dispatch_clip_grad``). The learning rate is ``lr_base * global batch / lr_base_size`` unless ``lr`` is
+given, with global batch = ``batch_size * processes * accum_steps``.
+
+Exact resumption: at the start of every epoch the Python, NumPy and torch generators, the sampler and the
+data loader are re-seeded from ``(seed, epoch, rank)``, so an epoch's data order, augmentations and
+stochastic depth depend only on those and on the state saved at the end of the previous epoch (model,
+optimizer, scheduler, EMA). ``--resume`` restarts the interrupted epoch from its beginning and ends with
+the same weights as an uninterrupted run (same seed, same number of processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from .checkpoints import STATE_FILE, load_training_state, save_training_state, save_weights_with_metadata
+from .config import ConfigError, TrainConfig, save_config
+from .distributed import Distributed, setup
+from .history import plot_history, write_history
+from .task import MetricSums, Task, TaskData, get_task
+
+__all__ = ["ShardSampler", "Trainer", "evaluate", "lr_for", "move_to", "seed_everything"]
+
+
+def seed_everything(*parts: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators from a tuple of integers."""
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested in tuples, lists, dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    return batch
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` in order: each sample evaluated exactly once over all ranks
+    (torch's DistributedSampler pads with repeated samples, which would bias the metrics)."""
+
+    def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision="bf16"``, nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    metrics: MetricSums,
+    dist: Distributed,
+    precision: str = "fp32",
+    progress: bool = False,
+    description: str = "eval",
+) -> dict[str, Any]:
+    """Run ``model`` over ``loader`` into ``metrics``, sum the metric tensors over processes, compute."""
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(loader, desc=description, leave=False, disable=not progress, dynamic_ncols=True):
+        with autocast(dist.device, precision):
+            metrics.update(model, move_to(batch, dist.device))
+    for tensor in metrics.sums():
+        tensor.copy_(dist.all_reduce_sum(tensor.to(dist.device)).cpu())
+    model.train(was_training)
+    return metrics.compute()
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+class Trainer:
+    """Trains ``config.task`` as ``config`` says; ``fit()`` runs it and returns the final summary.
+
+    Args:
+        config: the resolved configuration.
+        resume: continue the run in ``run_dir`` from its ``checkpoints/training-state.pt``.
+        run_dir: the run folder (default ``config.output / config.name``, the name made up when None).
+
+    ``step_callbacks`` are called with the trainer after every optimizer step (``trainer.step`` counts
+    them); tests use this to kill a run at a chosen point.
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool = False, run_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.dist = setup(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.task: Task = get_task(config)
+        self.run_dir = Path(run_dir) if run_dir else self._new_run_dir()
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.step_callbacks: list[Callable[[Trainer], None]] = []
+        self.resume = resume
+        self._check_run_dir()
+
+        seed_everything(config.seed)  # the same initial weights on every rank
+        self.data: TaskData = self.task.build_data(("train", "eval"))
+        self.model = self.task.build_model(self.data.info).to(self.dist.device)
+        self.train_loader, self.eval_loader = self._loaders()
+        self.updates_per_epoch = len(self.train_loader) // config.accum_steps
+        if self.updates_per_epoch < 1:
+            raise ConfigError(
+                f"option 'batch_size': {config.batch_size} x accum_steps {config.accum_steps} x "
+                f"{self.dist.world_size} process(es) is more than the {len(self.data.train)} training samples"
+            )
+        self.global_batch = config.batch_size * self.dist.world_size * config.accum_steps
+        self.lr = lr_for(config, self.dist.world_size)
+        self.optimizer = create_optimizer_v2(self.model, opt=config.opt, lr=self.lr, weight_decay=config.weight_decay)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=config.sched, num_epochs=config.epochs, warmup_epochs=config.warmup_epochs,
+            warmup_lr=config.warmup_lr, min_lr=config.min_lr, step_on_epochs=False,
+            updates_per_epoch=self.updates_per_epoch,
+        )
+        self.ema = ModelEmaV3(self.model, decay=config.model_ema_decay) if config.model_ema else None
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps completed
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.history: list[dict[str, Any]] = []
+        self.last_metrics: dict[str, Any] = {}
+        if resume:
+            self._load_state()
+
+    # --- setup ---------------------------------------------------------------------------------
+    def _new_run_dir(self) -> Path:
+        config = self.config
+        name = config.name or f"{config.dataset}-{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
+        return Path(config.output).expanduser() / str(self.dist.broadcast_object(name))
+
+    def _check_run_dir(self) -> None:
+        state = self.checkpoint_dir / STATE_FILE
+        if self.resume and not state.is_file():
+            raise FileNotFoundError(f"resume: no training state at {state} (nothing to resume)")
+        if not self.resume and state.is_file():
+            raise FileExistsError(
+                f"run folder {self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
+                "or choose another --name"
+            )
+
+    def _loaders(self) -> tuple[DataLoader, DataLoader]:
+        config, dist, data = self.config, self.dist, self.data
+        self.train_sampler = DistributedSampler(
+            data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
+        )
+        self.loader_generator = torch.Generator()
+        common = dict(num_workers=config.workers, collate_fn=data.collate_fn,
+                      pin_memory=dist.device.type == "cuda")
+        train = DataLoader(data.train, batch_size=config.batch_size, sampler=self.train_sampler, drop_last=True,
+                           generator=self.loader_generator, **common)
+        evaluation = DataLoader(data.eval, batch_size=config.batch_size * 2,
+                                sampler=ShardSampler(data.eval, dist.rank, dist.world_size), **common)
+        return train, evaluation
+
+    def _load_state(self) -> None:
+        state = load_training_state(self.checkpoint_dir / STATE_FILE)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        saved_epochs = state.get("config", {}).get("epochs")
+        if saved_epochs == self.config.epochs:
+            self.scheduler.load_state_dict(state["scheduler"])
+        elif self.dist.is_main:
+            self._say(f"note: epochs changed from {saved_epochs} to {self.config.epochs}: the learning-rate "
+                      f"schedule is recomputed for {self.config.epochs} epochs")
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError("resume: model_ema is on but the training state holds no EMA weights")
+            self.ema.module.load_state_dict(state["ema"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.scheduler.step_update(num_updates=self.step)
+        self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
+        self.history = list(state.get("history", []))
+        self.last_metrics = dict(state.get("last_metrics", {}))
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the summary also written to ``metrics.json``."""
+        config = self.config
+        if self.dist.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+            self._say(f"run folder: {self.run_dir}")
+            self._say(
+                f"{config.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters), "
+                f"{len(self.data.train)} training / {len(self.data.eval)} evaluation samples, "
+                f"{self.dist.world_size} process(es) on {self.dist.device}, global batch {self.global_batch}, "
+                f"lr {self.lr:.3g}"
+            )
+        start = time.perf_counter()
+        elapsed_before = self.history[-1]["time_s"] if self.history else 0.0
+        try:
+            while self.epoch < config.epochs:
+                row = self._train_epoch()
+                self.epoch += 1
+                if self.epoch % config.eval_every == 0 or self.epoch == config.epochs:
+                    row.update(self._evaluate_all())
+                row["time_s"] = elapsed_before + time.perf_counter() - start
+                self.history.append(row)
+                self._end_epoch(row)
+        finally:
+            self.dist.barrier()
+        summary = self.summary()
+        if self.dist.is_main and self.last_metrics:
+            main = self.task.main_metric
+            self._say(
+                f"final evaluation {main}: {self.last_metrics[main]:.2f} after {self.epoch} epochs "
+                f"({_format_duration(self.history[-1]['time_s'])}); best {self.best:.2f} at epoch {self.best_epoch}; "
+                f"run folder: {self.run_dir}"
+            )
+        return summary
+
+    def _reseed_epoch(self) -> None:
+        seed_everything(self.config.seed, self.epoch, self.dist.rank)
+        self.train_sampler.set_epoch(self.epoch)
+        loader_seed = np.random.SeedSequence([self.config.seed, self.epoch]).generate_state(1)[0]
+        self.loader_generator.manual_seed(int(loader_seed))  # the same on every rank
+
+    def _train_epoch(self) -> dict[str, Any]:
+        config, dist = self.config, self.dist
+        self._reseed_epoch()
+        self.train_model.train()
+        micro_batches = self.updates_per_epoch * config.accum_steps
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        samples = torch.zeros((), dtype=torch.float64)
+        bar = tqdm(total=micro_batches, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch",
+                   disable=not (dist.is_main and config.progress), dynamic_ncols=True, mininterval=1.0)
+        epoch_start = time.perf_counter()
+        for index, batch in enumerate(self.train_loader):
+            if index >= micro_batches:
+                break
+            last_micro = (index + 1) % config.accum_steps == 0
+            sync = contextlib.nullcontext() if last_micro or not dist.enabled else self.train_model.no_sync()
+            with sync:
+                with autocast(dist.device, config.precision):
+                    loss, count = self.task.training_loss(self.train_model, move_to(batch, dist.device))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step}; lower --lr "
+                        "or enable --clip-grad"
+                    )
+                (loss / config.accum_steps).backward()
+            loss_sum += loss.detach().double().cpu() * count
+            samples += count
+            if last_micro:
+                self._optimizer_step()
+            bar.update(1)
+            if dist.is_main and config.progress and (index % 10 == 0 or index + 1 == micro_batches):
+                self._show_progress(bar, loss.item(), epoch_start, index + 1, micro_batches)
+        bar.close()
+        self.scheduler.step(self.epoch + 1)
+        dist.all_reduce_sum(loss_sum_and_count := torch.stack([loss_sum, samples]).to(dist.device))
+        seconds = time.perf_counter() - epoch_start
+        total_samples = loss_sum_and_count[1].item()
+        return dict(epoch=self.epoch + 1, step=self.step, lr=self.optimizer.param_groups[0]["lr"],
+                    train_loss=loss_sum_and_count[0].item() / total_samples,
+                    train_images_per_s=total_samples / seconds)
+
+    def _optimizer_step(self) -> None:
+        if self.config.clip_grad:
+            dispatch_clip_grad(self.model.parameters(), self.config.clip_grad, mode="norm")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.scheduler.step_update(num_updates=self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        for callback in self.step_callbacks:
+            callback(self)
+
+    def _show_progress(self, bar: tqdm, loss: float, epoch_start: float, done: int, total: int) -> None:
+        """Loss, lr, images/s (all processes) and the ETA of the whole run on the progress bar."""
+        seconds = time.perf_counter() - epoch_start
+        per_batch = seconds / done
+        remaining = (total - done) * per_batch + (self.config.epochs - self.epoch - 1) * total * per_batch
+        bar.set_postfix_str(
+            f"loss {loss:.3f}, lr {self.optimizer.param_groups[0]['lr']:.2e}, "
+            f"{done * self.config.batch_size * self.dist.world_size / seconds:.0f} img/s, "
+            f"run ETA {_format_duration(remaining)}",
+            refresh=False,
+        )
+
+    def _evaluate_all(self) -> dict[str, Any]:
+        """Evaluate the model (and the EMA); returns the scalar metrics, ``ema_`` prefixed for the EMA."""
+        progress = self.dist.is_main and self.config.progress
+        self.dist.broadcast_buffers(self.model)  # evaluate and save the same weights on every rank
+        metrics = evaluate(self.model, self.eval_loader, self.task.new_metrics(self.data.info), self.dist,
+                           self.config.precision, progress)
+        results = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        self.last_metrics = metrics
+        if self.ema is not None:
+            self.dist.broadcast_buffers(self.ema.module)
+            ema_metrics = evaluate(self.ema.module, self.eval_loader, self.task.new_metrics(self.data.info),
+                                   self.dist, self.config.precision, progress, "eval EMA")
+            results.update({f"ema_{key}": value for key, value in ema_metrics.items()
+                            if isinstance(value, (int, float))})
+            self.last_metrics = {**metrics, **{f"ema_{key}": value for key, value in ema_metrics.items()}}
+        return results
+
+    def _end_epoch(self, row: dict[str, Any]) -> None:
+        """Pick the best, write checkpoints and metrics (main process), and report the epoch."""
+        main_key = ("ema_" if self.ema is not None else "") + self.task.main_metric
+        improved = main_key in row and (self.best is None or row[main_key] > self.best)
+        if improved:
+            self.best, self.best_epoch = row[main_key], self.epoch
+        if not self.dist.is_main:
+            return
+        description = dict(config=self.config.to_dict(), data=self.data.info, epoch=self.epoch)
+        save_weights_with_metadata(self.model, self.checkpoint_dir / "last.safetensors", description)
+        if self.ema is not None:
+            save_weights_with_metadata(self.ema.module, self.checkpoint_dir / "last-ema.safetensors", description)
+        if improved:
+            best_model = self.ema.module if self.ema is not None else self.model
+            save_weights_with_metadata(best_model, self.checkpoint_dir / "best.safetensors",
+                                       {**description, main_key: row[main_key]})
+        save_training_state(self.checkpoint_dir / STATE_FILE, self._state())
+        write_history(self.run_dir, self.history, self.summary())
+        plot_history(self.run_dir / "metrics.png", self.history, self.task.plot_metrics)
+        text = f"epoch {self.epoch}/{self.config.epochs}: train loss {row['train_loss']:.4f}"
+        for key in (self.task.main_metric, "top5", f"ema_{self.task.main_metric}"):
+            if key in row:
+                text += f", {key} {row[key]:.2f}"
+        text += f" (best {self.best:.2f})" if self.best is not None and main_key in row else ""
+        self._say(text + f", {row['train_images_per_s']:.0f} img/s, {_format_duration(row['time_s'])} elapsed")
+
+    def _state(self) -> dict[str, Any]:
+        return dict(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), ema=self.ema.module.state_dict() if self.ema else None,
+            epoch=self.epoch, step=self.step, best=self.best, best_epoch=self.best_epoch,
+            history=self.history, last_metrics=self.last_metrics, config=self.config.to_dict(),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Epochs done, best and final metrics (with per-class values), run folder."""
+        return dict(epochs_completed=self.epoch, steps=self.step, main_metric=self.task.main_metric,
+                    best=self.best, best_epoch=self.best_epoch, final=self.last_metrics, run_dir=str(self.run_dir))
+
+    def _say(self, text: str) -> None:
+        tqdm.write(text)
+        sys.stdout.flush()  # lines appear at once in logs and pipes too
+
+    def close(self) -> None:
+        self.dist.shutdown()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def lr_for(config: TrainConfig, world_size: int) -> float:
+    """The learning rate a run uses: ``lr``, or ``lr_base`` scaled by the global batch."""
+    return config.lr or config.lr_base * config.batch_size * world_size * config.accum_steps / config.lr_base_size
+

@@ -1,0 +1,127 @@
+"""The training configuration: defaults < YAML file < flags, type and range checks, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from biformer.train.config import (
+    ConfigError,
+    TrainConfig,
+    config_fields,
+    load_config,
+    load_yaml,
+    parse_flag_value,
+    save_config,
+)
+
+
+def field(name: str) -> dataclasses.Field:
+    return next(f for f in config_fields() if f.name == name)
+
+
+def test_defaults_are_the_quick_start():
+    config = load_config()
+    assert (config.dataset, config.model, config.task) == ("fashion-mnist", "biformer_nano", "classification")
+    assert config.model_kwargs == {"n_win": 2, "topks": [2, 2, 4, -2]}
+    # mutable defaults are not shared between instances
+    config.model_kwargs["n_win"] = 9
+    assert TrainConfig().model_kwargs["n_win"] == 2
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\nlr-base: 0.001\nmodel_kwargs: {n_win: 4}\nscale: [0.5, 1.0]\n")
+    config = load_config((load_yaml(path), str(path)), ({"epochs": 5}, "flags"))
+    assert config.epochs == 5  # the flag wins
+    assert config.lr_base == 0.001 and config.model_kwargs == {"n_win": 4} and config.scale == [0.5, 1.0]
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    config = load_config(({"epochs": 2, "mixup": 0.8, "clip_grad": 1.0, "mean": [0.5]}, "test"))
+    path = save_config(config, tmp_path / "config.yaml")
+    assert load_config((load_yaml(path), str(path))) == config
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epochs: [1, 2\n", "not valid YAML"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+        ("epoch: 3\n", "unknown option(s) ['epoch']"),
+        ("epochs: three\n", "option 'epochs' expects int"),
+        ("model_ema: 1\n", "option 'model_ema' expects bool"),
+        ("epochs: true\n", "option 'epochs' expects int"),
+        ("dataset: null\n", "option 'dataset' cannot be empty"),
+    ],
+)
+def test_bad_yaml_files_are_named(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="bad.yaml") as error:
+        load_config((load_yaml(path), str(path)))
+    assert message in str(error.value)
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="--config: no such file"):
+        load_yaml(tmp_path / "absent.yaml")
+
+
+def test_empty_yaml_file_means_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config((load_yaml(path), str(path))) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"epochs": 0}, "'epochs': expected an integer >= 1, got 0"),
+        ({"batch_size": -4}, "'batch_size'"),
+        ({"precision": "fp16"}, "'precision': expected 'fp32' or 'bf16', got 'fp16'"),
+        ({"mixup": 0.8, "batch_size": 7}, "mixup/cutmix need an even batch size, got 7"),
+        ({"hflip": 1.5}, "'hflip': expected a probability"),
+        ({"smoothing": 1.0}, "'smoothing'"),
+        ({"scale": [0.9, 0.1]}, "'scale'"),
+        ({"lr": -1.0}, "'lr': expected None or a positive number"),
+        ({"workers": -1}, "'workers'"),
+        ({"model_ema_decay": 1.0}, "'model_ema_decay'"),
+        ({"input_size": 0}, "'input_size'"),
+    ],
+)
+def test_out_of_range_values_are_named(values, message):
+    with pytest.raises(ConfigError) as error:
+        load_config((values, "flags"))
+    assert message in str(error.value)
+
+
+def test_flag_values_are_parsed_by_type():
+    assert parse_flag_value(field("epochs"), "4") == 4
+    assert parse_flag_value(field("lr"), "1e-3") == 1e-3
+    assert parse_flag_value(field("lr"), "none") is None
+    assert parse_flag_value(field("clip_grad"), "2") == 2.0
+    assert parse_flag_value(field("model_kwargs"), "{n_win: 4, topks: [1, 2, 3, -2]}") == {
+        "n_win": 4, "topks": [1, 2, 3, -2]}
+    assert parse_flag_value(field("scale"), "[0.5, 1]") == [0.5, 1]
+    assert parse_flag_value(field("auto_augment"), "rand-m9-mstd0.5") == "rand-m9-mstd0.5"
+
+
+@pytest.mark.parametrize("name, text", [("epochs", "2.5"), ("lr", "fast"), ("model_kwargs", "[1, 2]"),
+                                        ("scale", "{a: 1}"), ("epochs", "none")])
+def test_bad_flag_values_are_named(name, text):
+    with pytest.raises(ConfigError, match="--" + name.replace("_", "-")):
+        parse_flag_value(field(name), text)
+
+
+def test_every_field_has_help():
+    for config_field in config_fields():
+        assert config_field.metadata["help"], config_field.name
+
+
+def test_saved_yaml_is_plain(tmp_path):
+    path = save_config(TrainConfig(), tmp_path / "config.yaml")
+    assert yaml.safe_load(path.read_text())["model"] == "biformer_nano"
