@@ -1,0 +1,74 @@
+"""``biformer export``: write a model as ONNX, a torch.export program (.pt2) or a TorchScript trace (.pt).
+
+The image size is fixed in the file, the batch size is dynamic. The file is checked against the eager model on
+a batch of another size (ONNX through onnxruntime on CPU) and written only if it matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..export import DEFAULT_OPSET, EXPORT_BACKEND, FORMATS, ExportCheckError, export_model
+from ..hub import load_model
+from ..ops import available_backends
+from .show_routing import positive_int
+
+COMMAND = "export"
+
+
+def parse_image_size(text: str) -> int | tuple[int, int]:
+    """``"224"`` or ``"HxW"`` (e.g. ``"224x320"``)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH in pixels (e.g. 224 or 224x320), got {text!r}")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        COMMAND,
+        help="export a model to ONNX, torch.export (.pt2) or TorchScript (.pt), checked against the eager model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output", "-o", required=True, help="file to write: .onnx, .pt2 or .pt")
+    parser.add_argument("--format", choices=tuple(FORMATS), help="default: from the output suffix")
+    parser.add_argument("--model", help="model name (default biformer_tiny) or a folder in the Hub layout")
+    parser.add_argument("--checkpoint", help="weights: the authors' .pth, a .safetensors file or a Hub-layout folder "
+                                             "(without it the weights are random)")
+    parser.add_argument("--image-size", type=parse_image_size, help="SIZE or HxW (default: the model's, 224)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="example batch (>= 2; stays dynamic)")
+    parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 17, default "
+                                                                                  f"{DEFAULT_OPSET})")
+    parser.add_argument("--backend", default=EXPORT_BACKEND, choices=available_backends()[1:],
+                        help=f"attention backend in the exported graph (default {EXPORT_BACKEND})")
+    parser.add_argument("--atol", type=float, default=1e-4, help="tolerance of the check (default 1e-4)")
+    parser.add_argument("--no-check", action="store_true", help="skip running the file against the eager model")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = load_model(args.model, args.checkpoint)
+        if args.checkpoint is None and (args.model is None or not Path(args.model).is_dir()):
+            print(f"biformer {COMMAND}: warning: no --checkpoint, exporting random weights", file=sys.stderr)
+        result = export_model(
+            model, args.output, format=args.format, image_size=args.image_size, batch_size=args.batch_size,
+            opset=args.opset, backend=args.backend, check=not args.no_check, atol=args.atol,
+        )
+    except (ValueError, OSError, ImportError, ExportCheckError) as error:
+        print(f"biformer {COMMAND}: error: {error}", file=sys.stderr)
+        return 1
+    height, width = result.image_size
+    print(f"wrote {result.path} ({result.format}, {height}x{width} images, dynamic batch size)")
+    if result.max_abs_diff is not None:
+        print(f"checked on a batch of {result.check_batch_size}: max abs difference to the eager model "
+              f"{result.max_abs_diff:.2e}")
+    return 0
