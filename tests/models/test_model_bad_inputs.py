@@ -95,3 +95,10 @@ def test_non_finite_inputs_propagate_without_crashing(tiny, value):
         out = tiny(x)
     assert out.shape == (1, 3)
     assert not torch.isfinite(out).all()
+
+
+def test_record_routing_sees_the_whole_batch_without_gradients():
+    model = biformer.BiFormer(depth=[1, 1, 1, 1], embed_dim=[32, 64, 96, 128], num_classes=2, auto_pad=True).eval()
+    with torch.no_grad(), biformer.record_routing(model) as routing:
+        model(torch.randn(4, 3, 288, 288))
+    assert routing["stages.0.0.attn"].shape == (4, 49, 1)

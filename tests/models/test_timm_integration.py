@@ -128,3 +128,9 @@ def test_grad_checkpointing_gives_the_same_gradients():
 def test_drop_rate_is_applied_in_training():
     model = timm.create_model("biformer_tiny", num_classes=3, drop_rate=0.5)
     assert model.head_drop.p == 0.5
+
+
+@pytest.mark.parametrize("name", ["biformer_stl", "biformer_stl_nchw"])
+def test_stl_factories_accept_overrides(name):
+    model = timm.create_model(name, topks=[2, 4, 8, -1], n_wins=[7, 7, 7, 7], num_classes=2)
+    assert model.stages[0].blocks[0].attn.topk == 2

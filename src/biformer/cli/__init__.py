@@ -14,7 +14,13 @@ import sys
 from .. import __version__
 
 # subcommand name -> module (relative to this package), in the order shown by --help
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "train": "train",
+    "eval": "evaluate",
+    "predict": "predict",
+    "show-routing": "show_routing",
+    "export": "export",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

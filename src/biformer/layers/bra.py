@@ -6,8 +6,22 @@ import torch
 import torch.nn as nn
 
 from .._checks import check_feature_map, check_positive_int
-from ..ops.attention import check_backend, routed_attention
-from ..ops.regions import image_to_regions, pad_bottom_right, regions_to_image
+from ..ops.attention import (
+    REGION_LAYOUT,
+    backend_layout,
+    check_backend,
+    resolve_backend,
+    routed_attention,
+    routed_attention_heads,
+)
+from ..ops.regions import (
+    head_region_means,
+    head_regions_to_image,
+    image_to_head_regions,
+    image_to_regions,
+    pad_bottom_right,
+    regions_to_image,
+)
 from ..ops.routing import route_regions
 
 
@@ -142,6 +156,17 @@ class BiLevelRoutingAttention(nn.Module):
                 f"when auto_pad=False, got H={height}, W={width}; pass auto_pad=True to pad"
             )
 
+    def _pad_to_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Pad (or check) the NHWC map for the region grid; returns the map and the grid size."""
+        if self.region_size is not None:
+            x, _, _ = pad_bottom_right(x, self.region_size, self.region_size)
+            return x, x.shape[1] // self.region_size, x.shape[2] // self.region_size
+        if self.auto_pad:
+            x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)
+        else:
+            self._check_size(x.shape[1], x.shape[2])
+        return x, self.n_win, self.n_win
+
     def forward(
         self, x: torch.Tensor, return_routing: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -149,32 +174,17 @@ class BiLevelRoutingAttention(nn.Module):
         unless ``region_size`` is set."""
         check_feature_map(x, name="BiLevelRoutingAttention input", layout="NHWC", channels=self.dim)
         height, width = x.shape[1], x.shape[2]
-        if self.region_size is not None:
-            x, _, _ = pad_bottom_right(x, self.region_size, self.region_size)
-            grid_h, grid_w = x.shape[1] // self.region_size, x.shape[2] // self.region_size
-        else:
-            if self.auto_pad:
-                x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)
-            else:
-                self._check_size(height, width)
-            grid_h = grid_w = self.n_win
+        x, grid_h, grid_w = self._pad_to_grid(x)
         region_h, region_w = x.shape[1] // grid_h, x.shape[2] // grid_w
         topk = min(self.topk, grid_h * grid_w)
+        backend = resolve_backend(
+            self.backend, num_regions=grid_h * grid_w, topk=topk, tokens_per_region=region_h * region_w,
+            device=x.device, needs_grad=torch.is_grad_enabled() and (x.requires_grad or self.wo.weight.requires_grad),
+        )
 
         qkv = self.qkv(x)  # (N, H, W, 2*qk_dim + C)
-        qkv_regions = image_to_regions(qkv, grid_h, grid_w)  # (N, S*S, h*w, 2*qk_dim + C)
-        query = qkv_regions[..., : self.qk_dim]  # (N, S*S, h*w, qk_dim)
-        key_value = qkv_regions[..., self.qk_dim :]  # (N, S*S, h*w, qk_dim + C)
-        topk_index = route_regions(
-            query.mean(dim=2), key_value[..., : self.qk_dim].mean(dim=2), topk, self.scale
-        )  # (N, S*S, topk)
-        out = routed_attention(
-            query, key_value, topk_index, num_heads=self.num_heads, scale=self.scale, backend=self.backend
-        )  # (N, S*S, h*w, C)
-        out = regions_to_image(out, grid_h, grid_w, region_h, region_w)  # (N, H, W, C)
-        if self.lepe is not None:
-            value_image = qkv[..., 2 * self.qk_dim :].permute(0, 3, 1, 2)  # (N, C, H, W)
-            out = out + self.lepe(value_image).permute(0, 2, 3, 1)
+        attend = self._attend_region_layout if backend_layout(backend) == REGION_LAYOUT else self._attend_head_layout
+        out, topk_index = attend(qkv, grid_h, grid_w, topk, backend)  # (N, H, W, C) attention + LCE
         out = self.wo(out)
         if out.shape[1] != height or out.shape[2] != width:
             out = out[:, :height, :width, :].contiguous()
@@ -182,3 +192,47 @@ class BiLevelRoutingAttention(nn.Module):
             records, name = self.routing_sink
             records[name] = topk_index.detach()
         return (out, topk_index) if return_routing else out
+
+    def _local_context(self, qkv: torch.Tensor) -> torch.Tensor | None:
+        """The LCE conv on V laid out as an image: (N, H, W, 2*qk_dim + C) -> contiguous (N, H, W, C)."""
+        if self.lepe is None:
+            return None
+        value_image = qkv[..., 2 * self.qk_dim :].permute(0, 3, 1, 2)  # (N, C, H, W), channels-last strides
+        return self.lepe(value_image).permute(0, 2, 3, 1).contiguous()  # a view when the conv keeps NHWC
+
+    def _attend_region_layout(
+        self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's data flow (regions of tokens, channels last): used by the ``reference`` backend."""
+        region_h, region_w = qkv.shape[1] // grid_h, qkv.shape[2] // grid_w
+        qkv_regions = image_to_regions(qkv, grid_h, grid_w)  # (N, S*S, h*w, 2*qk_dim + C)
+        query = qkv_regions[..., : self.qk_dim]  # (N, S*S, h*w, qk_dim)
+        key_value = qkv_regions[..., self.qk_dim :]  # (N, S*S, h*w, qk_dim + C)
+        topk_index = route_regions(
+            query.mean(dim=2), key_value[..., : self.qk_dim].mean(dim=2), topk, self.scale
+        )  # (N, S*S, topk)
+        out = routed_attention(
+            query, key_value, topk_index, num_heads=self.num_heads, scale=self.scale, backend=backend
+        )  # (N, S*S, h*w, C)
+        out = regions_to_image(out, grid_h, grid_w, region_h, region_w)  # (N, H, W, C)
+        local_context = self._local_context(qkv)
+        return (out if local_context is None else out + local_context), topk_index
+
+    def _attend_head_layout(
+        self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast data flow: one copy of q, k, v into head-major regions, the output added to the LCE
+        map in the same pass that puts it back in image order."""
+        region_h, region_w = qkv.shape[1] // grid_h, qkv.shape[2] // grid_w
+        heads, qk_dim = self.num_heads, self.qk_dim
+        if qk_dim == self.dim:  # one copy for q, k and v
+            query, key, value = image_to_head_regions(qkv, grid_h, grid_w, heads, parts=3)  # (heads, N, R, L, d)
+        else:
+            query, key = image_to_head_regions(qkv[..., : 2 * qk_dim], grid_h, grid_w, heads, parts=2)
+            value = image_to_head_regions(qkv[..., 2 * qk_dim :], grid_h, grid_w, heads)[0]
+        topk_index = route_regions(head_region_means(query), head_region_means(key), topk, self.scale)  # (N, R, topk)
+        out = routed_attention_heads(query, key, value, topk_index, scale=self.scale, backend=backend)
+        out = head_regions_to_image(
+            out, grid_h, grid_w, region_h, region_w, add_to=self._local_context(qkv)
+        )  # (N, H, W, C)
+        return out, topk_index

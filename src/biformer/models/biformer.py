@@ -145,6 +145,8 @@ class BiFormer(PyramidClassifier):
     Shapes: (N, in_chans, H, W) -> logits (N, num_classes).
     """
 
+    channels_last_memory = True
+
     def __init__(
         self,
         depth: list[int] | tuple[int, ...] = (2, 2, 8, 2),

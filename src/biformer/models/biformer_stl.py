@@ -172,6 +172,7 @@ class BiFormerSTL(_STLBase):
     """
 
     channels_last = True
+    channels_last_memory = True  # NHWC stages: their permutes become free views
 
     def _make_block(
         self, dim: int, *, num_heads: int, n_win: int, topk: int, qk_scale: float | None, side_dwconv: int,
@@ -243,12 +244,12 @@ def _create(model_cls: type[_STLBase], variant: str, pretrained: bool, **kwargs:
 @register_model
 def biformer_stl(pretrained: bool = False, **kwargs: object) -> BiFormerSTL:
     """BiFormer-STL: Swin-T layout with BRA, 28.4 M parameters, 4.6 GMACs, 82.7% ImageNet top-1."""
-    arch = dict(_STL_ARCH, topks=[1, 4, 16, -2], auto_pad=True, **kwargs)
+    arch = {**_STL_ARCH, "topks": [1, 4, 16, -2], "auto_pad": True, **kwargs}
     return _create(BiFormerSTL, "biformer_stl", pretrained, **arch)
 
 
 @register_model
 def biformer_stl_nchw(pretrained: bool = False, **kwargs: object) -> BiFormerSTLNCHW:
     """BiFormer-STL with the authors' refactored NCHW BRA, 28.4 M parameters."""
-    arch = dict(_STL_ARCH, topks=[1, 4, 16, -1], **kwargs)
+    arch = {**_STL_ARCH, "topks": [1, 4, 16, -1], **kwargs}
     return _create(BiFormerSTLNCHW, "biformer_stl_nchw", pretrained, **arch)

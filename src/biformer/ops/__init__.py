@@ -6,20 +6,37 @@ from .attention import (
     gather_routed,
     get_default_backend,
     routed_attention,
-    routing_mask,
+    routed_attention_heads,
+    select_backend,
 )
-from .regions import image_to_regions, pad_bottom_right, regions_to_image
-from .routing import route_regions
+from .flex import routing_block_mask
+from .gather import gather_regions
+from .regions import (
+    head_region_means,
+    head_regions_to_image,
+    image_to_head_regions,
+    image_to_regions,
+    pad_bottom_right,
+    regions_to_image,
+)
+from .routing import route_regions, routing_mask
 
 __all__ = [
     "attention_backend",
     "available_backends",
+    "gather_regions",
     "gather_routed",
     "get_default_backend",
+    "head_region_means",
+    "head_regions_to_image",
+    "image_to_head_regions",
     "image_to_regions",
     "pad_bottom_right",
     "regions_to_image",
     "route_regions",
     "routed_attention",
+    "routed_attention_heads",
+    "routing_block_mask",
     "routing_mask",
+    "select_backend",
 ]

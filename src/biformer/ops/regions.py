@@ -57,3 +57,61 @@ def regions_to_image(x: torch.Tensor, grid_h: int, grid_w: int, region_h: int, r
     x = x.view(batch, grid_h, grid_w, region_h, region_w, channels)
     x = x.permute(0, 1, 3, 2, 4, 5)  # (N, grid_h, region_h, grid_w, region_w, C)
     return x.reshape(batch, grid_h * region_h, grid_w * region_w, channels)
+
+
+def image_to_head_regions(x: torch.Tensor, grid_h: int, grid_w: int, num_heads: int, parts: int = 1) -> torch.Tensor:
+    """Split an NHWC map into regions, head-major, with one copy.
+
+    The channels are ``parts`` chunks (e.g. k and v) of ``num_heads`` heads of ``d`` channels each.
+
+    Args:
+        x: (N, H, W, parts * num_heads * d) with H divisible by ``grid_h`` and W by ``grid_w``; a channel
+            slice of a larger tensor is fine.
+
+    Returns:
+        contiguous (parts, num_heads, N, grid_h * grid_w, region_h * region_w, d).
+    """
+    batch, height, width, channels = x.shape
+    region_h, region_w, head_dim = height // grid_h, width // grid_w, channels // (parts * num_heads)
+    x = x.view(batch, grid_h, region_h, grid_w, region_w, parts, num_heads, head_dim)
+    x = x.permute(5, 6, 0, 1, 3, 2, 4, 7)  # (parts, heads, N, grid_h, grid_w, region_h, region_w, d)
+    return x.reshape(parts, num_heads, batch, grid_h * grid_w, region_h * region_w, head_dim)
+
+
+def head_regions_to_image(
+    x: torch.Tensor, grid_h: int, grid_w: int, region_h: int, region_w: int, add_to: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Inverse of :func:`image_to_head_regions` (one part), optionally added to a map in the same pass.
+
+    Args:
+        x: (heads, N, grid_h * grid_w, region_h * region_w, d).
+        add_to: None, or a contiguous (N, H, W, heads * d) map to add the result to. Outside autograd it
+            is updated in place (it must be a temporary the caller owns).
+
+    Returns:
+        (N, H, W, heads * d) with H = grid_h * region_h and W = grid_w * region_w.
+    """
+    heads, batch, _, _, head_dim = x.shape
+    height, width, channels = grid_h * region_h, grid_w * region_w, heads * head_dim
+    x = x.view(heads, batch, grid_h, grid_w, region_h, region_w, head_dim)
+    x = x.permute(1, 2, 4, 3, 5, 0, 6)  # (N, grid_h, region_h, grid_w, region_w, heads, d), a view
+    if add_to is None:
+        return x.reshape(batch, height, width, channels)
+    target = add_to.view(batch, grid_h, region_h, grid_w, region_w, heads, head_dim)
+    if torch.is_grad_enabled() and (x.requires_grad or add_to.requires_grad):
+        return (target + x).reshape(batch, height, width, channels)
+    target.add_(x)
+    return add_to
+
+
+def head_region_means(x: torch.Tensor) -> torch.Tensor:
+    """Mean token of every region, channels in the usual (heads * d) order.
+
+    Args:
+        x: (heads, N, R, L, d).
+
+    Returns:
+        (N, R, heads * d).
+    """
+    heads, batch, regions, _, head_dim = x.shape
+    return x.mean(dim=3).permute(1, 2, 0, 3).reshape(batch, regions, heads * head_dim)

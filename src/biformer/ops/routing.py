@@ -21,3 +21,10 @@ def route_regions(query_regions: torch.Tensor, key_regions: torch.Tensor, topk: 
     """
     logits = (query_regions.detach() * scale) @ key_regions.detach().transpose(-2, -1)  # (N, R, R)
     return torch.topk(logits, k=topk, dim=-1).indices
+
+
+def routing_mask(topk_index: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """Boolean region adjacency (N, R, num_regions): ``mask[n, r, s]`` is True where region r routes to s."""
+    batch, regions, _ = topk_index.shape
+    mask = torch.zeros(batch, regions, num_regions, dtype=torch.bool, device=topk_index.device)
+    return mask.scatter_(2, topk_index, True)
