@@ -37,5 +37,8 @@ def assert_same_routing(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Seed every test; give the thread count back (training tests set ``threads: 1``)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    torch.set_num_threads(threads)

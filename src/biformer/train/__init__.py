@@ -2,10 +2,10 @@
 
 The engine is generic over a :class:`~biformer.train.task.Task` (see that module for the interface);
 image classification (:mod:`biformer.train.classification`) is the first one. Importing this package
-registers the ``classification`` task and the ``biformer_nano`` model with timm.
+registers the ``classification`` task (``biformer_nano`` is registered by ``import biformer``).
 """
 
-from . import classification, models  # noqa: F401  (register the task and biformer_nano)
+from . import classification  # noqa: F401  (registers the classification task)
 from .config import ConfigError, TrainConfig, load_config, load_yaml, save_config
 from .engine import Trainer, evaluate
 from .task import TASKS, MetricSums, Task, TaskData, get_task, register_task
