@@ -80,7 +80,8 @@ def proc_status_kib(field: str) -> int:
 
 
 # --- models -------------------------------------------------------------------------------------------
-def make_model(backend: str, **kwargs: object) -> torch.nn.Module:
+def make_model(backend: str | None, **kwargs: object) -> torch.nn.Module:
+    """biformer_tiny with every BRA on ``backend`` (None: follow ``biformer.attention_backend``)."""
     import timm
 
     import biformer  # noqa: F401  (registers the models)
@@ -141,7 +142,7 @@ def section_model(rounds: int, train_rounds: int, compile_rows: bool, machine: d
     batch, size = 8, 224
     images = torch.randn(batch, 3, size, size)
     labels = torch.randint(0, 1000, (batch,))
-    model = make_model("auto")
+    model = make_model(None)  # the backend comes from attention_backend() in each run
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def inference(backend: str, autocast: bool = False) -> Callable[[], object]:
