@@ -181,3 +181,27 @@ def test_auto_is_the_reference_function_at_every_stage_shape():
         layer.backend = "reference"
         with torch.no_grad():
             torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)
+
+
+# --- bad inputs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(query=torch.randn(2, 4, 3, 4)), "query: expected a 5-D tensor"),
+        (dict(key=torch.randn(2, 3, 4, 3, 4)), "key: expected batch and region sizes \\(2, 4\\)"),
+        (dict(topk_index=torch.zeros(2, 4, 2, dtype=torch.int32)), "topk_index: expected an int64"),
+        (dict(topk_index=torch.zeros(2, 5, 2, dtype=torch.int64)), "topk_index: expected \\(N, R\\)"),
+    ],
+)
+def test_head_layout_bad_inputs_name_the_argument(change, message):
+    query, key, value = random_heads(2, 2, 4, 3, 3, 4, 4)
+    arguments = dict(query=query, key=key, value=value, topk_index=random_routing(2, 4, 2))
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        routed_attention_heads(**arguments, scale=0.5)
+
+
+def test_region_layout_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="key_value: expected a 4-D tensor"):
+        routed_attention(torch.randn(1, 2, 3, 4), torch.randn(2, 3, 8), torch.zeros(1, 2, 1, dtype=torch.long),
+                         num_heads=1, scale=1.0)

@@ -370,6 +370,25 @@ def backend_layout(name: str) -> str:
     return _BACKENDS[name].layout
 
 
+def _check_routed_inputs(tensors: dict[str, torch.Tensor], rank: int, topk_index: torch.Tensor) -> None:
+    """ValueError naming the argument when ranks, batch/region sizes or the index do not fit together."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != rank:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name}: expected a {rank}-D tensor, got {shape}")
+    if not isinstance(topk_index, torch.Tensor) or topk_index.dim() != 3 or topk_index.dtype != torch.int64:
+        got = (topk_index.dtype, tuple(topk_index.shape)) if isinstance(topk_index, torch.Tensor) else topk_index
+        raise ValueError(f"topk_index: expected an int64 (N, R, topk) tensor, got {got}")
+    query = next(iter(tensors.values()))
+    batch_axis = rank - 4  # (heads,) N, R, L, C
+    expected = (query.shape[batch_axis], query.shape[batch_axis + 1])
+    for name, tensor in tensors.items():
+        if (tensor.shape[batch_axis], tensor.shape[batch_axis + 1]) != expected:
+            raise ValueError(f"{name}: expected batch and region sizes {expected}, got {tuple(tensor.shape)}")
+    if tuple(topk_index.shape[:2]) != expected:
+        raise ValueError(f"topk_index: expected (N, R) = {expected} leading sizes, got {tuple(topk_index.shape)}")
+
+
 def routed_attention_heads(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -392,6 +411,7 @@ def routed_attention_heads(
     Returns:
         (heads, N, R, L_q, d_v).
     """
+    _check_routed_inputs({"query": query, "key": key, "value": value}, 5, topk_index)
     heads, _, regions, _, _ = query.shape
     name = resolve_backend(
         backend, num_regions=regions, topk=topk_index.shape[-1], tokens_per_region=key.shape[3],
@@ -427,6 +447,7 @@ def routed_attention(
     Returns:
         (N, R, L_q, C_v).
     """
+    _check_routed_inputs({"query": query, "key_value": key_value}, 4, topk_index)
     qk_dim = query.shape[-1]
     name = resolve_backend(
         backend, num_regions=query.shape[1], topk=topk_index.shape[-1], tokens_per_region=key_value.shape[2],
