@@ -12,7 +12,6 @@ data from the Debian package ``dataset-fashion-mnist`` (idx files under ``/usr/s
 
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..train.data import read_idx  # one idx reader for the package
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -42,35 +43,7 @@ _FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 # idx type byte -> big-endian numpy dtype (the format of the MNIST files)
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 TASKS = ("detection", "segmentation")
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file (the MNIST format; ``.gz`` is decompressed) into an array of its stored shape.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not an idx file, or truncated (the message gives the expected and actual sizes).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"idx file: no such file: {path}")
-    try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as error:
-        raise ValueError(f"idx file: cannot decompress {path} ({error})") from error
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"idx file: {path} does not start with an idx header (0, 0, type, ndim)")
-    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    header_size = 4 + 4 * ndim
-    if len(data) < header_size:
-        raise ValueError(f"idx file: {path} is truncated inside its header")
-    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header_size + int(np.prod(shape)) * dtype.itemsize
-    if len(data) != expected:
-        raise ValueError(f"idx file: {path} has {len(data)} bytes, expected {expected} for shape {shape}")
-    return np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:

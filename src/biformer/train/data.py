@@ -59,24 +59,31 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     data in C order.
 
     Raises:
+        FileNotFoundError: no such file.
         DataError: not an idx file, or the data is shorter or longer than the header says.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    if not path.is_file():
+        raise FileNotFoundError(f"idx file: no such file: {path}")
     try:
-        with opener(path, "rb") as handle:
-            raw = handle.read()
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as error:
-        raise DataError(f"idx file {path}: cannot read ({type(error).__name__}: {error})") from error
+        raise DataError(f"idx file {path}: cannot read (cannot decompress: {type(error).__name__}: {error})") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"idx file {path}: bad header (expected 0x00 0x00 DTYPE NDIM, got {raw[:4].hex()})")
+        raise DataError(
+            f"idx file {path}: bad header, it does not start with an idx header "
+            f"(expected 0x00 0x00 DTYPE NDIM, got {raw[:4].hex()})"
+        )
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(raw) != expected:
-        raise DataError(f"idx file {path}: header says shape {shape} ({expected} bytes), file has {len(raw)} bytes")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    if len(raw) < header or len(raw) != expected:
+        raise DataError(
+            f"idx file {path}: header says shape {shape}; the file has {len(raw)} bytes, expected {expected}"
+        )
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))  # native byte order, so torch.from_numpy accepts it
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
