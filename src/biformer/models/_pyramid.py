@@ -7,8 +7,12 @@ Subclasses build ``downsample_layers`` (4), ``stages`` (4, each with a ``grad_ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn as nn
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
@@ -21,6 +25,30 @@ NUM_STAGES = 4
 # bytes: the temporaries of a group (3x-wide projections, MLP hidden layers) then come from the heap and
 # stay in cache instead of being fresh pages (a page fault per 4 KiB on CPU: 10-25% of the time at batch 8).
 INFERENCE_GROUP_BYTES = 2**20
+
+
+# Keyword arguments of an entry point that configure timm's loading, not the architecture.
+_LOADING_ARGUMENTS = (
+    "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "device", "dtype", "pretrained_model_args",
+)
+
+
+def build_pyramid_model(
+    model_class: type[nn.Module], variant: str, pretrained: bool, checkpoint_filter: Callable,
+    requested: dict[str, Any], **architecture: Any,
+) -> nn.Module:
+    """``timm.models.build_model_with_cfg`` with our checkpoint filter and feature getter.
+
+    Records the keyword arguments the caller gave (``requested``, minus timm's loading options) as
+    ``model._model_args``, as timm >= 1.0.31 does in ``create_model``, so :mod:`biformer.hub` can rebuild
+    the model on older timm releases and for models made by calling the entry point directly.
+    """
+    model = build_model_with_cfg(
+        model_class, variant, pretrained, pretrained_filter_fn=checkpoint_filter,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **architecture,
+    )
+    model._model_args = {key: value for key, value in requested.items() if key not in _LOADING_ARGUMENTS}
+    return model
 
 
 def _must_see_whole_batch(blocks: nn.Module) -> bool:

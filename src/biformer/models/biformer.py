@@ -11,14 +11,63 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from .._checks import check_positive_int
-from ..layers import AttentionLePE, BiLevelRoutingAttention
+from ..layers import ATTENTION_TYPES, AttentionLePE, BiLevelRoutingAttention, build_token_mixer
 from ..layers.bra import check_unsupported
-from ._pyramid import PyramidClassifier, check_stage_list, run_blocks, stochastic_depth_rates
+from ..layers.token_mixers import check_attention_type, stage_defaults
+from ._pyramid import (
+    NUM_STAGES,
+    PyramidClassifier,
+    build_pyramid_model,
+    check_stage_list,
+    run_blocks,
+    stochastic_depth_rates,
+)
 
 __all__ = ["BiFormer", "Block", "checkpoint_filter_fn"]
+
+
+def stage_attention(attn_type: object, attn_kwargs: object) -> tuple[list[str | None], list[dict]]:
+    """Per-stage attention types and their options from ``BiFormer``'s ``attn_type`` and ``attn_kwargs``.
+
+    ``attn_type``: None (the reference: ``topks`` decide), one type for every stage, or a list of 4 types.
+    ``attn_kwargs``: None, one dict for every stage, or a list of 4 dicts (or None); they update the stage's
+    default size option (:func:`~biformer.layers.token_mixers.stage_defaults`).
+
+    Returns:
+        4 types (None where ``topks`` decide) and 4 option dicts.
+    """
+    if attn_type is None:
+        if attn_kwargs is not None:
+            raise ValueError(f"attn_kwargs: expected None when attn_type is None, got {attn_kwargs!r}")
+        return [None] * NUM_STAGES, [{}] * NUM_STAGES
+    if isinstance(attn_type, str) and attn_type in ATTENTION_TYPES:
+        types = [attn_type] * NUM_STAGES
+    elif isinstance(attn_type, (list, tuple)) and len(attn_type) == NUM_STAGES:
+        types = [check_attention_type(value, name=f"attn_type[{i}]") for i, value in enumerate(attn_type)]
+    else:
+        raise ValueError(
+            f"attn_type: expected None, one of {ATTENTION_TYPES} or a list of {NUM_STAGES} of them, got {attn_type!r}"
+        )
+    if attn_kwargs is None or isinstance(attn_kwargs, dict):
+        per_stage = [attn_kwargs or {}] * NUM_STAGES
+    elif isinstance(attn_kwargs, (list, tuple)) and len(attn_kwargs) == NUM_STAGES and all(
+        value is None or isinstance(value, dict) for value in attn_kwargs
+    ):
+        per_stage = [value or {} for value in attn_kwargs]
+    else:
+        raise ValueError(
+            f"attn_kwargs: expected None, a dict or a list of {NUM_STAGES} dicts (or None), got {attn_kwargs!r}"
+        )
+    for i, (kind, options) in enumerate(zip(types, per_stage)):
+        if kind == "bra" and options:
+            raise ValueError(
+                f"attn_kwargs: stage {i + 1} uses 'bra', which topks, n_win and region_sizes configure; "
+                f"expected no options for it, got {options!r}"
+            )
+    return types, [{**stage_defaults(kind, i), **options} for i, (kind, options) in enumerate(zip(types, per_stage))]
 
 
 def make_attention(
@@ -33,11 +82,22 @@ def make_attention(
     auto_pad: bool,
     backend: str | None,
     region_size: int | None = None,
+    attn_type: str | None = None,
+    attn_options: dict | None = None,
+    shift: bool = False,
 ) -> nn.Module:
-    """The token mixer of one block, chosen by ``topk`` as in the reference.
+    """The token mixer of one block.
 
-    ``topk > 0``: BRA with that top-k; ``-1``: plain 8-head attention; ``-2``: 8-head attention with LePE.
+    ``attn_type`` None or ``"bra"``: chosen by ``topk`` as in the reference: ``topk > 0``: BRA with that top-k;
+    ``-1``: plain 8-head attention; ``-2``: 8-head attention with LePE. Another type: built by
+    :func:`~biformer.layers.build_token_mixer` with ``attn_options`` (its size option and the like) and
+    ``shift`` (window types).
     """
+    if attn_type not in (None, "bra"):
+        return build_token_mixer(
+            attn_type, dim, num_heads=num_heads, qk_dim=qk_dim, qk_scale=qk_scale, side_dwconv=side_dwconv,
+            shift=shift if attn_type in ("window", "shifted_window") else None, **(attn_options or {}),
+        )
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise ValueError(f"topks: expected integers (> 0 for BRA, -1 or -2 for global attention), got {topk!r}")
     if topk > 0:
@@ -55,7 +115,8 @@ class Block(nn.Module):
     """One BiFormer block; NCHW in and out, NHWC inside.
 
     ``x + pos_embed(x)``, then ``x + drop_path(attn(norm1(x)))`` and ``x + drop_path(mlp(norm2(x)))``
-    (or the post-norm variant when ``pre_norm=False``), with optional layer scale.
+    (or the post-norm variant when ``pre_norm=False``), with optional layer scale. ``attn`` is chosen by
+    :func:`make_attention` (``topk``, or ``attn_type`` with ``attn_options`` and ``shift``).
     """
 
     def __init__(
@@ -75,6 +136,9 @@ class Block(nn.Module):
         auto_pad: bool = False,
         backend: str | None = None,
         region_size: int | None = None,
+        attn_type: str | None = None,
+        attn_options: dict | None = None,
+        shift: bool = False,
     ) -> None:
         super().__init__()
         if layer_scale_init_value > 0:
@@ -93,6 +157,7 @@ class Block(nn.Module):
         self.attn = make_attention(
             dim, topk, num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale,
             side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend, region_size=region_size,
+            attn_type=attn_type, attn_options=attn_options, shift=shift,
         )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(mlp_ratio * dim)
@@ -136,6 +201,14 @@ class BiFormer(PyramidClassifier):
     of every BRA, see :func:`biformer.ops.available_backends`) and ``region_sizes`` (per stage, None or a
     region side in tokens: regions of fixed size instead of ``n_win`` per side, see
     :class:`~biformer.layers.BiLevelRoutingAttention`; off by default for checkpoint parity).
+
+    ``attn_type`` swaps the attention and nothing else (for the paper's comparison): None (default, the
+    reference: ``topks`` decide) or ``"bra"`` (the same), or one of :data:`~biformer.layers.ATTENTION_TYPES`
+    for every stage, or a list of 4. ``"shifted_window"`` shifts the windows by ``window // 2`` in every
+    second block of a stage (Swin). ``attn_kwargs`` (a dict for every stage, or a list of 4) sets the type's
+    options, e.g. ``{"window": 4}``; each type's size option has a per-stage default that gives a query about
+    as many keys as BRA in biformer_tiny at 224 px
+    (:data:`~biformer.layers.token_mixers.STAGE_SIZES`).
 
     ``auto_pad=True`` lets the network take any H and W (BRA pads each map to a multiple of ``n_win``, the
     reference's detection/segmentation semantics); with ``auto_pad=False`` the stage maps must be
@@ -181,6 +254,8 @@ class BiFormer(PyramidClassifier):
         mlp_dwconv: bool = False,
         backend: str | None = None,
         region_sizes: list[int | None] | tuple[int | None, ...] | None = None,
+        attn_type: str | list[str] | tuple[str, ...] | None = None,
+        attn_kwargs: dict | list[dict | None] | tuple[dict | None, ...] | None = None,
     ) -> None:
         super().__init__()
         del kv_per_wins, kv_downsample_kernels, kv_downsample_ratios, pe_stages  # unused in identity mode / pe=None
@@ -201,6 +276,7 @@ class BiFormer(PyramidClassifier):
         topks = check_stage_list(topks, "topks")
         mlp_ratios = check_stage_list(mlp_ratios, "mlp_ratios")
         region_sizes = check_stage_list(region_sizes or [None] * 4, "region_sizes")
+        attn_types, attn_options = stage_attention(attn_type, attn_kwargs)
         qk_dims = [q or d for q, d in zip(check_stage_list(qk_dims or [None] * 4, "qk_dims"), embed_dim)]
         self.in_chans = check_positive_int(in_chans, name="in_chans")
         head_dim = check_positive_int(head_dim, name="head_dim")
@@ -233,7 +309,8 @@ class BiFormer(PyramidClassifier):
                         num_heads=qk_dims[i] // head_dim, n_win=n_win, qk_dim=qk_dims[i], qk_scale=qk_scale,
                         topk=topks[i], mlp_ratio=mlp_ratios[i], side_dwconv=side_dwconv,
                         before_attn_dwconv=before_attn_dwconv, pre_norm=pre_norm, auto_pad=auto_pad,
-                        backend=backend, region_size=region_sizes[i],
+                        backend=backend, region_size=region_sizes[i], attn_type=attn_types[i],
+                        attn_options=attn_options[i], shift=attn_types[i] == "shifted_window" and j % 2 == 1,
                     )
                     for j in range(depth[i])
                 ]
@@ -322,14 +399,7 @@ def _create_biformer(variant: str, pretrained: bool = False, **kwargs: object) -
         topks=[1, 4, 16, -2], side_dwconv=5, before_attn_dwconv=3, head_dim=32, auto_pad=True,
     )
     arch.update(kwargs)
-    return build_model_with_cfg(
-        BiFormer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **arch,
-    )
+    return build_pyramid_model(BiFormer, variant, pretrained, checkpoint_filter_fn, kwargs, **arch)
 
 
 @register_model
@@ -370,7 +440,4 @@ def biformer_nano(pretrained: bool = False, **kwargs: object) -> BiFormer:
     architecture = {**NANO_ARCHITECTURE, **kwargs}
     if "embed_dim" in kwargs and "qk_dims" not in kwargs:
         architecture["qk_dims"] = architecture["embed_dim"]
-    return build_model_with_cfg(
-        BiFormer, "biformer_nano", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **architecture,
-    )
+    return build_pyramid_model(BiFormer, "biformer_nano", pretrained, checkpoint_filter_fn, kwargs, **architecture)

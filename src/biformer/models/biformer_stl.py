@@ -13,11 +13,11 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from .._checks import check_positive_int
 from ..layers import AttentionLePE, AttentionLePENCHW, BiLevelRoutingAttention, BiLevelRoutingAttentionNCHW
-from ._pyramid import PyramidClassifier, check_stage_list, run_blocks, stochastic_depth_rates
+from ._pyramid import PyramidClassifier, build_pyramid_model, check_stage_list, run_blocks, stochastic_depth_rates
 from .biformer import _cfg, _init_weights, checkpoint_filter_fn
 
 __all__ = ["BiFormerSTL", "BiFormerSTLNCHW"]
@@ -230,26 +230,17 @@ _STL_ARCH = dict(
 )
 
 
-def _create(model_cls: type[_STLBase], variant: str, pretrained: bool, **kwargs: object) -> _STLBase:
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
 
 
 @register_model
 def biformer_stl(pretrained: bool = False, **kwargs: object) -> BiFormerSTL:
     """BiFormer-STL: Swin-T layout with BRA, 28.4 M parameters, 4.6 GMACs, 82.7% ImageNet top-1."""
     arch = {**_STL_ARCH, "topks": [1, 4, 16, -2], "auto_pad": True, **kwargs}
-    return _create(BiFormerSTL, "biformer_stl", pretrained, **arch)
+    return build_pyramid_model(BiFormerSTL, "biformer_stl", pretrained, checkpoint_filter_fn, kwargs, **arch)
 
 
 @register_model
 def biformer_stl_nchw(pretrained: bool = False, **kwargs: object) -> BiFormerSTLNCHW:
     """BiFormer-STL with the authors' refactored NCHW BRA, 28.4 M parameters."""
     arch = {**_STL_ARCH, "topks": [1, 4, 16, -1], **kwargs}
-    return _create(BiFormerSTLNCHW, "biformer_stl_nchw", pretrained, **arch)
+    return build_pyramid_model(BiFormerSTLNCHW, "biformer_stl_nchw", pretrained, checkpoint_filter_fn, kwargs, **arch)

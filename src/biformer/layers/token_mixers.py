@@ -1,0 +1,133 @@
+"""One entry point for every attention type the BiFormer paper compares: :func:`build_token_mixer`.
+
+All types take and return NHWC maps of any size, and all but ``"bra"`` are subclasses of
+:class:`~biformer.layers.ProjectedAttention`: the same parameters as BRA (``qkv.qkv``, ``lepe``, ``wo``),
+so two networks that differ in the type differ only in which keys each query attends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from .axial_attention import AxialStripeAttention
+from .bra import BiLevelRoutingAttention
+from .deformable_attention import DeformableAttention
+from .dilated_attention import DilatedAttention
+from .projected_attention import GlobalAttention
+from .window_attention import WindowAttention
+
+ATTENTION_TYPES = ("bra", "global", "window", "shifted_window", "axial", "dilated", "deformable")
+
+# The keyword options of each type besides the common ones (dim, num_heads, qk_dim, qk_scale, side_dwconv).
+TYPE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "bra": ("topk", "n_win", "auto_pad", "backend", "region_size"),
+    "global": (),
+    "window": ("window",),
+    "shifted_window": ("window",),
+    "axial": ("stripe_width",),
+    "dilated": ("grid",),
+    "deformable": ("points", "offset_groups", "offset_range"),
+}
+
+# The option that sets how many keys a query sees, and its default per stage of a BiFormer. Chosen so that at
+# 224 px (stage maps 56, 28, 14, 7) a query sees about as many keys as in biformer_tiny, where BRA gives every
+# query 64 keys in stages 1-3 (topk 1, 4, 16 regions of 64, 16, 4 tokens) and stage 4 is global (49 keys):
+#   window 8, 8, 7, 7: 64, 64, 49, 49 keys (7 in stage 3 because 8 would pad 14 to 16; stage 4: the whole map);
+#   stripe_width 1, 2, 7, 7: 56, 56, 98, 49 keys (CSWin-T's widths; stripes must divide 14 to avoid padding);
+#   grid 8, 7, 7, 7: 64, 49, 49, 49 keys (8 divides 56 but not 28 or 14);
+#   points 8, 8, 8, 7: 64, 64, 64, 49 keys (7 in stage 4: the lattice is then the token centres).
+SIZE_OPTION = {"window": "window", "shifted_window": "window", "axial": "stripe_width", "dilated": "grid",
+               "deformable": "points"}
+STAGE_SIZES = {
+    "window": (8, 8, 7, 7),
+    "shifted_window": (8, 8, 7, 7),
+    "axial": (1, 2, 7, 7),
+    "dilated": (8, 7, 7, 7),
+    "deformable": (8, 8, 8, 7),
+}
+
+
+def check_attention_type(attn_type: object, *, name: str = "attn_type") -> str:
+    """Return ``attn_type`` if it is one of :data:`ATTENTION_TYPES`, else raise a ``ValueError`` naming ``name``."""
+    if not isinstance(attn_type, str) or attn_type not in ATTENTION_TYPES:
+        raise ValueError(f"{name}: expected one of {ATTENTION_TYPES}, got {attn_type!r}")
+    return attn_type
+
+
+def stage_defaults(attn_type: str, stage: int) -> dict[str, int]:
+    """The size option of ``attn_type`` in BiFormer stage ``stage`` (0-3) by default, e.g. ``{"window": 8}``;
+    empty for ``"bra"`` and ``"global"`` (see :data:`STAGE_SIZES` for the reasoning)."""
+    check_attention_type(attn_type)
+    if attn_type not in SIZE_OPTION:
+        return {}
+    return {SIZE_OPTION[attn_type]: STAGE_SIZES[attn_type][stage]}
+
+
+def build_token_mixer(
+    attn_type: str,
+    dim: int,
+    *,
+    num_heads: int,
+    qk_dim: int | None = None,
+    qk_scale: float | None = None,
+    side_dwconv: int = 5,
+    shift: bool | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Build the token mixer ``attn_type``: an ``nn.Module`` mapping (N, H, W, dim) -> (N, H, W, dim), any H, W.
+
+    Types and their ``options`` (defaults in brackets):
+
+    - ``"bra"``: :class:`~biformer.layers.BiLevelRoutingAttention`; ``topk`` [4], ``n_win`` [7],
+      ``auto_pad`` [True, so that any size works], ``backend``, ``region_size``.
+    - ``"global"``: :class:`~biformer.layers.GlobalAttention`; no options.
+    - ``"window"`` / ``"shifted_window"``: :class:`~biformer.layers.WindowAttention`; ``window`` [7].
+    - ``"axial"``: :class:`~biformer.layers.AxialStripeAttention`; ``stripe_width`` [1].
+    - ``"dilated"``: :class:`~biformer.layers.DilatedAttention`; ``grid`` [7].
+    - ``"deformable"``: :class:`~biformer.layers.DeformableAttention`; ``points`` [8], ``offset_groups`` [1],
+      ``offset_range`` [2.0].
+
+    Args:
+        attn_type: one of :data:`ATTENTION_TYPES`.
+        dim: channels of input and output.
+        num_heads: attention heads.
+        qk_dim: channels of q and k (default ``dim``).
+        qk_scale: attention scale (default ``qk_dim ** -0.5``).
+        side_dwconv: kernel of the local-context conv on V (0 disables it).
+        shift: window types only: move the window grid by ``window // 2`` (Swin). None: shifted for
+            ``"shifted_window"``, not for ``"window"`` (a BiFormer stage passes True/False to alternate).
+        options: the type's options listed above.
+
+    Raises:
+        ValueError: unknown ``attn_type``, an option the type does not take, or a bad value (the message
+            names the argument, what was expected and what came).
+    """
+    check_attention_type(attn_type)
+    unknown = sorted(set(options) - set(TYPE_OPTIONS[attn_type]))
+    if unknown:
+        raise ValueError(
+            f"{unknown[0]}: not an option of attn_type {attn_type!r}; expected one of "
+            f"{TYPE_OPTIONS[attn_type] or '(none)'}, got {unknown}"
+        )
+    if shift is not None and not isinstance(shift, bool):
+        raise ValueError(f"shift: expected None, True or False, got {shift!r}")
+    if shift and attn_type not in ("window", "shifted_window"):
+        raise ValueError(f"shift: only window attention shifts; expected None or False for {attn_type!r}, got True")
+    common = dict(num_heads=num_heads, qk_dim=qk_dim, qk_scale=qk_scale, side_dwconv=side_dwconv)
+    if attn_type == "bra":
+        return BiLevelRoutingAttention(dim, **common, **{"auto_pad": True, **options})
+    if attn_type == "global":
+        return GlobalAttention(dim, **common)
+    if attn_type in ("window", "shifted_window"):
+        window = options.get("window", 7)
+        shifted = attn_type == "shifted_window" if shift is None else shift
+        # A bad window is reported by WindowAttention; only compute the shift for a valid one.
+        offset = window // 2 if shifted and isinstance(window, int) and not isinstance(window, bool) else 0
+        return WindowAttention(dim, **common, window=window, shift=offset)
+    if attn_type == "axial":
+        return AxialStripeAttention(dim, **common, **options)
+    if attn_type == "dilated":
+        return DilatedAttention(dim, **common, **options)
+    return DeformableAttention(dim, **common, **options)
