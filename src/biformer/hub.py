@@ -38,7 +38,8 @@ def _architecture_of(model: nn.Module, architecture: str | None, model_args: Map
         )
     if architecture not in MODEL_NAMES:
         raise ValueError(f"architecture: expected one of {MODEL_NAMES}, got {architecture!r}")
-    # timm.create_model records the keyword arguments it was given (timm >= 1.0.2x); explicit ones win.
+    # Our entry points (and timm.create_model since timm 1.0.31) record the keyword arguments they were given
+    # as model._model_args; explicit ones win.
     args = dict(getattr(model, "_model_args", {}) or {})
     args.update(model_args or {})
     args.pop("pretrained_model_args", None)
@@ -119,7 +120,7 @@ def save_pretrained(
     described = model if getattr(model, "pretrained_cfg", None) else rebuilt
     model_config = {"label_names": list(label_names)} if label_names else None
     temporary = directory / (CONFIG_NAME + ".tmp")
-    save_config_for_hf(described, str(temporary), model_config=model_config, model_args=args)
+    save_config_for_hf(described, temporary, model_config=model_config, model_args=args)
     save_weights(model, directory / WEIGHTS_NAME)
     os.replace(temporary, directory / CONFIG_NAME)  # the config last: a folder with a config is complete
     return directory
