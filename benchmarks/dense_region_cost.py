@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from biformer.comparison.cost import memory_status_mib, reset_peak_memory
+
 FIXED_REGION_SIZES = [8, 4, 2, None]  # tokens per region side in stages 1-3 (stage 4 has plain attention)
 TOPKS = [1, 4, 16]
 
@@ -36,21 +38,6 @@ def keys_per_query(size: int, mode: str) -> list[int]:
         regions = 49 if mode == "n_win" else (-(-tokens // side)) ** 2
         keys.append(min(topk, regions) * side * side)
     return keys
-
-
-def memory_status_mib(field: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (peak) resident set of this process, from /proc (Linux)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # reported in kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """Reset VmHWM to the current resident set (writing 5 to clear_refs, Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
 
 
 def build(mode: str, threads: int):
@@ -67,7 +54,7 @@ def memory_worker(size: int, mode: str, threads: int) -> dict:
     image = torch.rand(1, 3, size, size)
     with torch.no_grad():
         backbone(torch.rand(1, 3, 64, 64))
-        reset_peak_rss()
+        reset_peak_memory()
         baseline = memory_status_mib("VmRSS")
         backbone(image)
     return dict(size=size, mode=mode, extra_mib=memory_status_mib("VmHWM") - baseline)

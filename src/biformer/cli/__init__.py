@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "predict": "predict",
     "show-routing": "show_routing",
     "export": "export",
+    "compare": "compare",
 }
 
 
