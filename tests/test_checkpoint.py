@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 
 import pytest
@@ -9,6 +10,7 @@ import timm
 import torch
 
 import biformer
+from biformer import files
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +78,23 @@ def test_not_a_state_dict(tmp_path, model):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="dict of tensors"):
         biformer.load_checkpoint(model, tmp_path / "list.pth")
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "weights.pth"])
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, name):
+    """A write that fails (here: disk full while flushing) raises WriteError naming the file, keeps the previous
+    version byte for byte and leaves no temporary file behind."""
+    model = timm.create_model("biformer_nano", num_classes=3)
+    path = biformer.save_weights(model, tmp_path / name)
+    before = path.read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+
+    def disk_full(temporary):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_sync_to_disk", disk_full)
+    with pytest.raises(files.WriteError, match=rf"cannot write .*{name} \(No space left on device\); its previous"):
+        biformer.save_weights(model, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -14,7 +14,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from .files import atomic_write
 
 __all__ = ["load_checkpoint", "read_state_dict", "save_weights", "unwrap_state_dict"]
 
@@ -94,14 +97,20 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s weights: safetensors for a ``.safetensors`` path, else the authors' format
-    (``torch.save({"model": state_dict})``). The file is written to a temporary name and renamed, so an
-    interrupted save never leaves a truncated file at ``path``."""
+    (``torch.save({"model": state_dict})``).
+
+    The file is written to a temporary name, flushed and renamed (:func:`biformer.files.atomic_write`), so an
+    interrupted or failed save never leaves a truncated file at ``path``; a failed write (disk full, no
+    permission) raises :class:`biformer.files.WriteError` naming ``path`` and keeps its previous version.
+    """
     path = Path(path)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    temporary = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        save_file(state_dict, str(temporary))
-    else:
-        torch.save({"model": state_dict}, temporary)
-    os.replace(temporary, path)
-    return path
+
+    def write(temporary: Path) -> None:
+        if path.suffix == ".safetensors":
+            temporary.write_bytes(safetensors_bytes(state_dict))  # Python I/O: a failed write raises OSError
+        else:
+            with open(temporary, "wb") as handle:
+                torch.save({"model": state_dict}, handle)
+
+    return atomic_write(path, write)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from biformer import files as files_module
 from biformer.train import Trainer, load_config
-from biformer.train import checkpoints as checkpoints_module
 from biformer.train.checkpoints import (
     load_training_state,
     read_metadata,
@@ -106,11 +106,11 @@ def test_crash_during_a_weights_save_keeps_the_previous_file(tmp_path, monkeypat
     path = save_weights_with_metadata(model, tmp_path / "last.safetensors", {"epoch": 1})
     previous = weights(path)
 
-    def crash_half_way(state_dict, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise Exploding("disk full")
+    def crash_half_way(temporary):
+        Path(temporary).write_bytes(b"half a file")
+        raise Exploding("killed")
 
-    monkeypatch.setattr(checkpoints_module, "save_file", crash_half_way)
+    monkeypatch.setattr(files_module, "_sync_to_disk", crash_half_way)  # after the write, before the rename
     with torch.no_grad():
         model.weight.add_(1.0)
     with pytest.raises(Exploding):
@@ -123,11 +123,11 @@ def test_crash_during_a_weights_save_keeps_the_previous_file(tmp_path, monkeypat
 def test_crash_during_a_state_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = save_training_state(tmp_path / "training-state.pt", {"model": {}, "epoch": 1})
 
-    def crash_half_way(obj, filename):
-        Path(filename).write_bytes(b"PK\x03\x04 truncated")
+    def crash_half_way(temporary):
+        Path(temporary).write_bytes(b"PK\x03\x04 truncated")
         raise Exploding("killed")
 
-    monkeypatch.setattr(torch, "save", crash_half_way)
+    monkeypatch.setattr(files_module, "_sync_to_disk", crash_half_way)  # after the write, before the rename
     with pytest.raises(Exploding):
         save_training_state(path, {"model": {}, "epoch": 2})
     monkeypatch.undo()

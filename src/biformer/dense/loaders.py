@@ -1,5 +1,9 @@
 """Loaders for your own data: COCO-format detection (images + instances JSON) and image/mask folders for
-segmentation, in the same item format as :class:`~biformer.dense.SceneDataset`; and their collate functions."""
+segmentation, in the same item format as :class:`~biformer.dense.SceneDataset`; and their collate functions.
+
+An unreadable image or mask raises :class:`~biformer.images.ImageError` naming the file; wrap a dataset in
+:class:`biformer.train.data.SkipUnreadable` to skip and count such items instead (the training engine does
+this for every task, as its ``bad_images`` option says). ``source(index)`` names an item's files."""
 
 from __future__ import annotations
 
@@ -104,6 +108,11 @@ class CocoDetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def source(self, index: int) -> str:
+        """The image file of item ``index`` (for messages)."""
+        coco = self.dataset._dataset  # torchvision's CocoDetection inside the v2 wrapper
+        return str(Path(coco.root) / coco.coco.loadImgs(coco.ids[index])[0]["file_name"])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image, raw = self.dataset[index]
         image = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)  # (3, H, W) in [0, 1]
@@ -177,6 +186,11 @@ class MaskFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def source(self, index: int) -> str:
+        """The image and mask files of item ``index`` (for messages)."""
+        image_path, mask_path = self.pairs[index]
+        return f"{image_path} (mask {mask_path})"
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]

@@ -11,53 +11,40 @@ Files in ``RUN/checkpoints/``:
   metric, metric history), in one file so it is always consistent with itself; it holds only tensors and
   plain containers and is read with ``torch.load(weights_only=True)``.
 
-Every write goes to a temporary file in the same folder that is then renamed over the target
-(``os.replace`` is atomic), so a crash during a save leaves the previous file intact.
+Every write goes through :func:`biformer.files.atomic_write` (temporary file, flush, rename), so a crash
+during a save (a kill, a full disk) leaves the previous file intact; a write that fails raises
+:class:`~biformer.files.WriteError` naming the file. Temporary files left by a killed process are removed
+when the run continues (:func:`~biformer.files.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..checkpoint import read_state_dict
+from ..files import WriteError, atomic_write, check_writable_folder, make_folder, remove_stale_temporaries
 
-__all__ = ["METADATA_KEY", "atomic_write", "load_training_state", "read_metadata", "save_training_state",
+__all__ = ["METADATA_KEY", "WriteError", "atomic_write", "check_writable_folder", "load_training_state",
+           "make_folder", "read_metadata", "remove_stale_temporaries", "save_training_state",
            "save_weights_with_metadata"]
 
 METADATA_KEY = "biformer"
 STATE_FILE = "training-state.pt"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)``, then rename the temporary file to ``path``.
-
-    If ``write`` raises, the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return path
-
-
 def save_weights_with_metadata(model: nn.Module, path: str | os.PathLike, description: dict[str, Any]) -> Path:
     """Write ``model``'s state_dict as safetensors with ``description`` (JSON) under metadata ``biformer``."""
     state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    metadata = {METADATA_KEY: json.dumps(description)}
-    return atomic_write(path, lambda temporary: save_file(state_dict, str(temporary), metadata=metadata))
+    data = safetensors_bytes(state_dict, metadata={METADATA_KEY: json.dumps(description)})
+    return atomic_write(path, lambda temporary: temporary.write_bytes(data))  # Python I/O: OSError on failure
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -78,7 +65,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically ``torch.save`` the training state (tensors and plain containers only)."""
-    return atomic_write(path, lambda temporary: torch.save(state, temporary))
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a Python file: a failed write keeps its OSError (errno)
+            torch.save(state, handle)
+
+    return atomic_write(path, write)
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:

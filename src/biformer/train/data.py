@@ -3,6 +3,9 @@
 Every dataset yields ``(image, label)`` with ``image`` a PIL image in the requested mode (``"L"`` or
 ``"RGB"``) before the transform, so timm's transforms (random-resized crop, flip, RandAugment, random
 erasing) apply to all of them.
+
+:class:`SkipUnreadable` wraps any dataset (these, and the detection/segmentation ones) so that an
+unreadable or corrupted image is skipped and counted instead of stopping a run hours in.
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..images import open_image
+from ..images import ImageError, open_image
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "BAD_IMAGE_POLICIES",
     "CsvImageDataset",
     "DataError",
     "FashionMNIST",
+    "SkipUnreadable",
     "find_fashion_mnist",
     "image_folder",
     "read_idx",
@@ -44,6 +49,7 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+BAD_IMAGE_POLICIES = ("skip", "fail")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
@@ -248,6 +254,10 @@ class CsvImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def source(self, index: int) -> str:
+        """The image file of item ``index`` (for messages)."""
+        return str(self.samples[index][0])
+
     def __getitem__(self, index: int) -> tuple[object, int]:
         path, label = self.samples[index]
         image = open_image(path, self.mode)
@@ -265,3 +275,84 @@ def collate_classification(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch
     images = torch.stack([image for image, _ in batch])  # (N, C, H, W)
     labels = torch.tensor([label for _, label in batch], dtype=torch.int64)  # (N,)
     return images, labels
+
+
+def _item_source(dataset: Dataset, index: int) -> str:
+    """What item ``index`` of ``dataset`` is read from, for messages: the dataset's ``source(index)``, the
+    path in torchvision's ``samples`` list (ImageFolder), else ``item INDEX``."""
+    if callable(getattr(dataset, "source", None)):
+        return dataset.source(index)
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list) and index < len(samples) and isinstance(samples[index], tuple):
+        return str(samples[index][0])
+    return f"item {index}"
+
+
+class SkipUnreadable(Dataset):
+    """A dataset whose unreadable items (:class:`~biformer.images.ImageError`: missing, truncated, corrupted,
+    over the pixel limit) are skipped and counted, or stop the run at once naming the file.
+
+    With ``policy="skip"`` an unreadable item ``i`` is replaced by the next readable item ``i + 1, i + 2, ...``
+    (wrapping around): every batch keeps its size and every process its number of samples (a sampler's
+    indices are unchanged), and the replacement depends only on which files are unreadable, so runs stay
+    reproducible. Unreadable items are remembered in a shared-memory table, so the findings of data-loading
+    worker processes reach the training process (:meth:`unreadable_indices`) and a bad file is tried only
+    once per process tree. When more than ``max_fraction`` of the items are found unreadable the dataset
+    raises :class:`DataError` rather than train on what is left.
+
+    Args:
+        dataset: any map-style dataset whose ``__getitem__`` raises ``ImageError`` for a bad file.
+        policy: ``"skip"`` or ``"fail"`` (re-raise the ``ImageError``, which names the file).
+        max_fraction: the fraction of unreadable items (in [0, 1]) that stops the run with ``"skip"``.
+        split: the split's name, for messages (``"train"``, ``"eval"``).
+    """
+
+    def __init__(self, dataset: Dataset, policy: str = "skip", max_fraction: float = 0.01,
+                 split: str = "train") -> None:
+        if policy not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images: expected one of {BAD_IMAGE_POLICIES}, got {policy!r}")
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"max_bad_images: expected a fraction in [0, 1], got {max_fraction}")
+        self.dataset, self.policy, self.max_fraction, self.split = dataset, policy, max_fraction, split
+        self.unreadable = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()  # (N,) True: unreadable
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> object:
+        """Attributes of the wrapped dataset (``classes``, ``samples`` ...) stay reachable."""
+        if name == "dataset":  # not set yet (unpickling): avoid endless recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> object:
+        size = len(self.dataset)
+        for offset in range(size):
+            candidate = (index + offset) % size
+            if self.unreadable[candidate]:
+                continue
+            try:
+                return self.dataset[candidate]
+            except ImageError as error:
+                if self.policy == "fail":
+                    raise ImageError(f"{self.split} split: {error} (bad_images: fail; set bad_images: skip to skip "
+                                     "unreadable images)") from error
+                self.unreadable[candidate] = True
+                self._check_limit(error)
+        raise DataError(f"{self.split} split: none of its {size} images is readable")
+
+    def _check_limit(self, error: ImageError) -> None:
+        count, size = int(self.unreadable.sum()), len(self.dataset)
+        if count > self.max_fraction * size:
+            raise DataError(
+                f"{self.split} split: {count} of {size} images are unreadable, more than max_bad_images "
+                f"{self.max_fraction:g} allows; the last one: {error}"
+            )
+
+    def unreadable_indices(self) -> list[int]:
+        """Indices of the items found unreadable so far (by this process and its data-loading workers)."""
+        return self.unreadable.nonzero().flatten().tolist()
+
+    def source(self, index: int) -> str:
+        """What item ``index`` is read from (a file path when the wrapped dataset says)."""
+        return _item_source(self.dataset, index)
