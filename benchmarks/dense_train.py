@@ -25,52 +25,21 @@ import time
 
 import torch
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from biformer.dense.tasks import DetectionTask, SegmentationTask
-
-# A small BiFormer (about 3.4 M parameters) that trains in minutes on 2 CPU cores; same block design as
-# biformer_tiny (BRA with topk 1, 4, 16 in stages 1-3, attention with LePE in stage 4), narrower and shallower.
-MICRO = dict(
-    depth=[2, 2, 4, 2], embed_dim=[32, 64, 128, 256], qk_dims=[32, 64, 128, 256], head_dim=32,
-    topks=[1, 4, 16, -2], mlp_ratios=[3, 3, 3, 3],
-)
-# Half MICRO's depth: about twice the steps in the same time (biformer_nano's layout with 32-channel heads).
-SHALLOW = dict(MICRO, depth=[1, 1, 2, 1])
-VARIANTS = {"micro": MICRO, "shallow": SHALLOW}
-
-
-class CachedScenes(Dataset):
-    """Every item of ``dataset`` composed once; images kept as uint8 to save memory."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.items = [(image.mul(255).round().to(torch.uint8), target) for image, target in dataset]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple:
-        image, target = self.items[index]
-        return image.float().div(255), target
+from biformer.dense.tasks import PRESETS, CachedDataset, DetectionTask, SegmentationTask, cpu_model_options
 
 
 def build_task(args: argparse.Namespace) -> DetectionTask | SegmentationTask:
-    variant = VARIANTS.get(args.variant, args.variant)
+    variant = PRESETS.get(args.variant, args.variant)
     backbone_options = dict(n_win=args.n_win, batch_norm="train", drop_path_rate=0.0)
     common = dict(train_scenes=args.train_scenes, val_scenes=args.val_scenes, image_size=args.image_size,
                   seed=args.seed, architecture=args.architecture, variant=variant)
-    if args.task == "segmentation":
-        width = args.head_channels
-        head = dict(fpn_channels=width, channels=width) if args.architecture == "semantic_fpn" else dict(channels=width)
-        return SegmentationTask.scenes(**common, model_options=dict(backbone_options=backbone_options,
-                                                                      head_options=head))
-    # Narrow heads and few sampled RoIs: on CPU the heads' convolutions and RoIAlign dominate a step.
-    options = dict(backbone_options=backbone_options, fpn_channels=64, anchor_sizes=(16, 32, 64, 128, 256))
-    if args.architecture == "maskrcnn":
-        options.update(representation_size=256, mask_head_channels=64, rpn_pre_nms_top_n_train=600,
-                       rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150,
-                       box_batch_size_per_image=64)
-    return DetectionTask.scenes(**common, model_options=options)
+    # The small CPU recipe (biformer train --task ... uses the same): narrow heads, few sampled RoIs.
+    head_channels = args.head_channels if args.task == "segmentation" else None
+    options = cpu_model_options(args.task, args.architecture, head_channels, backbone_options)
+    task_class = SegmentationTask if args.task == "segmentation" else DetectionTask
+    return task_class.scenes(**common, model_options=options)
 
 
 def learning_rate(base: float, progress: float, warmup: float = 0.03) -> float:
@@ -89,7 +58,8 @@ def main() -> None:
     parser.add_argument("--task", choices=("segmentation", "detection"), required=True)
     parser.add_argument("--architecture", required=True,
                         help="semantic_fpn / upernet (segmentation), maskrcnn / retinanet (detection)")
-    parser.add_argument("--variant", default="shallow", help="'shallow', 'micro' (see SHALLOW, MICRO) or a timm name")
+    parser.add_argument("--variant", default="shallow", help="'shallow', 'micro' (biformer.dense.tasks.PRESETS) or a "
+                        "timm name")
     parser.add_argument("--head-channels", type=int, default=128, help="width of the segmentation head")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget (wall clock)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -109,7 +79,7 @@ def main() -> None:
     print(f"load average at start: {load_average()}", flush=True)
     start = time.perf_counter()
     task = build_task(args)
-    train_set, val_set = CachedScenes(task.train_dataset), CachedScenes(task.val_dataset)
+    train_set, val_set = CachedDataset(task.train_dataset), CachedDataset(task.val_dataset)
     print(f"composed {len(train_set)} train + {len(val_set)} val scenes in {time.perf_counter() - start:.0f} s",
           flush=True)
     model = task.build_model()

@@ -1,4 +1,5 @@
-"""biformer eval: top-1/top-5 accuracy, per-class accuracy and a confusion matrix of a checkpoint."""
+"""biformer eval: top-1/top-5 accuracy, per-class accuracy and a confusion matrix of a checkpoint (for
+segmentation and detection checkpoints: mIoU or COCO mAP)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ Writes eval.json (all metrics, per-class accuracy, confusion matrix) and confusi
 """
 
 DATA_FLAGS = ("dataset", "data_dir", "val_split", "download", "batch_size", "workers", "device", "precision",
-              "threads", "progress", "input_size", "crop_pct", "interpolation")
+              "threads", "progress", "input_size", "crop_pct", "interpolation", "val_scenes")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,12 +74,27 @@ def _print_report(metrics: dict[str, Any], class_names: list[str], samples_name:
         print(f"  {name:<{width}}  {value:6.2f}%")
 
 
+def _write_dense_report(checkpoint: str, output: Path, config: Any, architecture: str, info: dict[str, Any],
+                        metrics: dict[str, Any]) -> None:
+    """Segmentation / detection: the scalar metrics (mIoU ... or mAP ...) printed, everything in eval.json."""
+    split = f"{config.val_scenes} validation scenes" if config.dataset == "scenes" else config.val_split
+    print(f"{config.task} ({architecture}) on {config.dataset}, {split}:")
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)):
+            print(f"  {name:<20} {value:.4f}" if isinstance(value, float) else f"  {name:<20} {value}")
+    report = dict(checkpoint=str(checkpoint), task=config.task, architecture=architecture, dataset=config.dataset,
+                  data_dir=config.data_dir, split=split, class_names=info["class_names"], **metrics)
+    (output / "eval.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {output / 'eval.json'}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
     from ..images import ImageError
     from ..train import ConfigError
+    from ..train.checkpoints import WriteError, make_folder
     from ..train.data import DataError
     from ..train.distributed import setup
     from ..train.engine import ShardSampler, evaluate
@@ -90,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         config, task, info = loaded.config, loaded.task, loaded.info
         checkpoint = Path(args.checkpoint)
         output = Path(args.output_dir) if args.output_dir else checkpoint.with_name(checkpoint.stem + "-eval")
-        output.mkdir(parents=True, exist_ok=True)
+        make_folder(output, "--output")
         if config.threads:
             torch.set_num_threads(config.threads)
         dist = setup(config.device)
@@ -100,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate(loaded.model.to(dist.device), loader, task.new_metrics(info), dist, config.precision,
                            config.progress and dist.is_main)
         dist.shutdown()
-    except (ConfigError, DataError, ImageError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, DataError, ImageError, FileNotFoundError, ValueError, WriteError) as error:
         return report_error("eval", error)
-    if dist.is_main:
+    if dist.is_main and config.task != "classification":
+        _write_dense_report(args.checkpoint, output, config, task.architecture, info, metrics)
+    elif dist.is_main:
         class_names = info["class_names"]
         split = "test" if config.dataset == "fashion-mnist" else config.val_split
         _print_report(metrics, class_names, f"{config.dataset} {split}")

@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
         model = loaded.model.to(device)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
         return report_error("predict", error)
+    if loaded.config.task != "classification":  # dense prediction output is not implemented
+        return report_error("predict", ValueError(
+            f"checkpoint: {args.checkpoint} is a {loaded.config.task} checkpoint; biformer predict handles "
+            f"classification checkpoints only (biformer eval reports its metrics)"))
     transform = loaded.task.transform(loaded.info, training=False)
     class_names = loaded.info.get("class_descriptions") or loaded.info["class_names"]
     mode = "L" if loaded.info["in_chans"] == 1 else "RGB"

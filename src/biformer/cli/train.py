@@ -79,14 +79,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def report_error(command: str, error: BaseException) -> int:
-    """Print ``error`` as a one-line command error; exit code 2."""
-    print(f"biformer {command}: error: {error}", file=sys.stderr)
+    """Print ``error`` as a one-line command error; exit code 2.
+
+    An error raised in a data-loading worker process reaches us with the worker's traceback in its message
+    (torch's ``DataLoader`` re-raises it so); only the original message, its last line, is shown.
+    """
+    message = str(error)
+    if "\nOriginal Traceback" in message:
+        kind, _, text = message.rstrip().splitlines()[-1].partition(": ")  # "module.ErrorType: the message"
+        message = text if text and " " not in kind else kind
+    print(f"biformer {command}: error: {message}", file=sys.stderr)
     return 2
 
 
 def run(args: argparse.Namespace) -> int:
     from ..images import ImageError
     from ..train import ConfigError, Trainer, load_config, load_yaml
+    from ..train.checkpoints import WriteError
     from ..train.data import DataError
 
     try:
@@ -103,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(*layers)
         with Trainer(config, resume=run_dir is not None, run_dir=run_dir) as trainer:
             trainer.fit()
-    except (ConfigError, DataError, ImageError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+    except (ConfigError, DataError, ImageError, FileNotFoundError, FileExistsError, FloatingPointError,
+            WriteError, ValueError) as error:  # ValueError: unreadable --pretrained or training state
         return report_error("train", error)
     return 0

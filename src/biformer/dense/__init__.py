@@ -2,10 +2,12 @@
 
 ``biformer.dense.BiFormerBackbone`` gives the four stage maps (the authors' ``BiFormer_mm``);
 ``biformer.dense.detection`` builds torchvision Mask R-CNN / RetinaNet on it; ``biformer.dense.segmentation``
-builds Semantic FPN / UperNet; ``SceneDataset`` is an offline dataset of real Fashion-MNIST crops.
+builds Semantic FPN / UperNet; ``SceneDataset`` is an offline dataset of real Fashion-MNIST crops;
+``biformer.dense.tasks`` holds loss and metrics, and ``biformer.dense.engine_tasks`` the ``segmentation`` and
+``detection`` tasks of ``biformer train``.
 """
 
-from .backbone import BiFormerBackbone, LoadReport, load_backbone_weights
+from .backbone import BiFormerBackbone, LoadReport, auto_n_win, load_backbone_weights
 from .detection import (
     BiFormerFPN,
     maskrcnn_biformer,
@@ -19,6 +21,7 @@ from .detection import (
 )
 from .scenes import FASHION_MNIST_CLASSES, SceneDataset, compose_scene, load_fashion_mnist, read_idx
 from .segmentation import (
+    AuxiliaryFCNHead,
     SemanticFPNHead,
     SemanticSegmentor,
     UperNetHead,
@@ -34,6 +37,7 @@ from .segmentation import (
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "AuxiliaryFCNHead",
     "BiFormerBackbone",
     "BiFormerFPN",
     "LoadReport",
@@ -41,6 +45,7 @@ __all__ = [
     "SemanticFPNHead",
     "SemanticSegmentor",
     "UperNetHead",
+    "auto_n_win",
     "compose_scene",
     "load_backbone_weights",
     "load_fashion_mnist",

@@ -2,13 +2,15 @@
 
 The authors' ``BiFormer_mm`` is the classification network without ``norm`` and ``head``, plus a LayerNorm
 over channels on each stage output (``extra_norms.{0..3}``), built with ``auto_pad=True`` and an ``n_win``
-chosen for the input size (16 for COCO, 8 for 512 px ADE20K crops). :class:`BiFormerBackbone` has the same
+chosen for the input size (16 for COCO, 8 for 512 px ADE20K crops); ``n_win="auto"`` picks it per input
+from :func:`auto_n_win`, a rule through the reference's settings. :class:`BiFormerBackbone` has the same
 parameter names, so the authors' dense checkpoints (``backbone.``-prefixed mmdet/mmseg files) and the
 classification checkpoints (ours or the authors', head dropped) load into it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +25,8 @@ from ..checkpoint import read_state_dict, unwrap_state_dict
 from ..layers import BiLevelRoutingAttention
 from ..models import BiFormer
 
-__all__ = ["BATCH_NORM_MODES", "BiFormerBackbone", "LoadReport", "load_backbone_weights"]
+__all__ = ["BATCH_NORM_MODES", "REFERENCE_N_WIN", "BiFormerBackbone", "LoadReport", "auto_n_win",
+           "load_backbone_weights"]
 
 NUM_STAGES = 4
 BATCH_NORM_MODES = ("train", "eval", "frozen")
@@ -31,6 +34,47 @@ BATCH_NORM_MODES = ("train", "eval", "frozen")
 CLASSIFICATION_ONLY_PREFIXES = ("head.", "norm.")
 # The authors' mmdet/mmseg checkpoints store the backbone under this prefix, next to neck and head weights.
 DENSE_CHECKPOINT_PREFIX = "backbone."
+# The reference's (shorter image side in pixels, n_win) settings: ImageNet 224 px, ADE20K 512 px crops, COCO's
+# 800 x 1333 images. ``auto_n_win`` interpolates between them.
+REFERENCE_N_WIN = ((224, 7), (512, 8), (800, 16))
+# The n_win used to build the layers of an ``n_win="auto"`` backbone before its first input (any value works:
+# n_win holds no parameter).
+_AUTO_BUILD_N_WIN = 7
+
+
+def auto_n_win(height: int, width: int) -> int:
+    """Regions per side for an (H, W) input, following the reference: 7 at 224 px, 8 at 512 px, 16 at COCO's
+    800 x 1333.
+
+    The rule uses the shorter side ``s``: below 224 px, ``round(s / 32)`` (regions of 8 x 8 stage-1 tokens,
+    as n_win 7 at 224 px; at least 1); between the reference sizes, linear interpolation of their n_win,
+    rounded; above 800 px, proportional to ``s`` (``round(16 * s / 800)``). Examples: 128 px -> 4,
+    224 -> 7, 384 -> 8, 512 -> 8, 640 -> 12, 800 x 1333 -> 16.
+
+    Raises:
+        ValueError: a side that is not a positive integer.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    side = min(height, width)
+    (first_side, first_n_win), (last_side, last_n_win) = REFERENCE_N_WIN[0], REFERENCE_N_WIN[-1]
+    if side <= first_side:
+        value = side * first_n_win / first_side
+    elif side >= last_side:
+        value = side * last_n_win / last_side
+    else:
+        (low, low_n), (high, high_n) = next(
+            pair for pair in zip(REFERENCE_N_WIN, REFERENCE_N_WIN[1:]) if pair[0][0] <= side <= pair[1][0]
+        )
+        value = low_n + (high_n - low_n) * (side - low) / (high - low)
+    return max(1, math.floor(value + 0.5))  # round half up
+
+
+def _check_n_win(n_win: int | str) -> int | str:
+    if n_win == "auto" or (not isinstance(n_win, bool) and isinstance(n_win, int) and n_win >= 1):
+        return n_win
+    raise ValueError(f"n_win: expected an integer >= 1 or 'auto', got {n_win!r}")
 
 
 def _check_out_indices(out_indices: Sequence[int]) -> tuple[int, ...]:
@@ -67,8 +111,10 @@ class BiFormerBackbone(nn.Module):
             :class:`biformer.BiFormer` arguments (e.g. a small custom configuration; ``auto_pad`` defaults to
             True).
         n_win: regions per side in every BRA. The classification weights were trained with 7 at 224 px;
-            the authors used 16 for COCO (about 800 x 1333 px) and 8 for 512 px ADE20K crops. It holds no
-            parameters, so any value loads any checkpoint; see also :meth:`set_n_win`.
+            the authors used 16 for COCO (about 800 x 1333 px) and 8 for 512 px ADE20K crops. ``"auto"``:
+            chosen for every input from its size by :func:`auto_n_win` (at least enough regions for the
+            largest ``topk``). It holds no parameters, so any value loads any checkpoint; see also
+            :meth:`set_n_win`.
         region_sizes: per stage, None or a region side in tokens (fixed-size regions whose count grows with
             the image, so the cost per query stays constant); overrides ``n_win`` in those stages.
         out_indices: the stages to return (0..3, strides 4, 8, 16, 32).
@@ -88,7 +134,7 @@ class BiFormerBackbone(nn.Module):
         self,
         variant: str | Mapping = "biformer_small",
         *,
-        n_win: int = 7,
+        n_win: int | str = 7,
         region_sizes: Sequence[int | None] | None = None,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = 0,
@@ -102,7 +148,9 @@ class BiFormerBackbone(nn.Module):
         if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages: expected an integer in 0..4, got {frozen_stages!r}")
         self.out_indices = _check_out_indices(out_indices)
-        classifier = _build_classifier(variant, n_win=n_win, region_sizes=region_sizes, **kwargs)
+        self.n_win = _check_n_win(n_win)
+        build_n_win = _AUTO_BUILD_N_WIN if n_win == "auto" else n_win
+        classifier = _build_classifier(variant, n_win=build_n_win, region_sizes=region_sizes, **kwargs)
         # Take the stem, the downsamplings and the stages; norm and head are left behind. Attribute names
         # are the classifier's, so state_dict keys match the authors' BiFormer_mm.
         self.in_chans = classifier.in_chans
@@ -141,19 +189,39 @@ class BiFormerBackbone(nn.Module):
         """Every BRA module of the backbone (stages 1-3)."""
         return [m for m in self.modules() if isinstance(m, BiLevelRoutingAttention)]
 
-    def set_n_win(self, n_win: int) -> None:
-        """Use ``n_win`` regions per side from now on (e.g. per input size); ``topk`` must fit in n_win ** 2.
+    def _routed_layers(self) -> list[BiLevelRoutingAttention]:
+        """The BRA layers that follow ``n_win`` (not those built with a fixed ``region_size``)."""
+        return [layer for layer in self.bra_layers() if layer.region_size is None]
+
+    def smallest_n_win(self) -> int:
+        """The fewest regions per side that hold the largest ``topk`` (``ceil(sqrt(topk))``)."""
+        largest_topk = max((layer.topk for layer in self._routed_layers()), default=1)
+        return math.isqrt(largest_topk - 1) + 1
+
+    def set_n_win(self, n_win: int | str) -> None:
+        """Use ``n_win`` regions per side from now on (e.g. per input size), or ``"auto"`` to choose it per
+        input with :func:`auto_n_win`; ``topk`` must fit in n_win ** 2.
 
         Layers built with a fixed ``region_size`` are unaffected.
         """
-        if isinstance(n_win, bool) or not isinstance(n_win, int) or n_win < 1:
-            raise ValueError(f"n_win: expected an integer >= 1, got {n_win!r}")
-        layers = [layer for layer in self.bra_layers() if layer.region_size is None]
+        self.n_win = _check_n_win(n_win)
+        if n_win != "auto":
+            self._apply_n_win(n_win)
+
+    def _apply_n_win(self, n_win: int) -> None:
+        layers = self._routed_layers()
         largest_topk = max((layer.topk for layer in layers), default=1)
         if largest_topk > n_win**2:
             raise ValueError(f"n_win: {n_win} gives {n_win**2} regions, fewer than topk={largest_topk}")
         for layer in layers:
             layer.n_win = n_win
+
+    def n_win_for(self, height: int, width: int) -> int:
+        """The n_win an (H, W) input is processed with: the fixed one, or with ``"auto"``
+        ``max(auto_n_win(H, W), smallest_n_win())``."""
+        if self.n_win != "auto":
+            return self.n_win
+        return max(auto_n_win(height, width), self.smallest_n_win())
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -169,6 +237,8 @@ class BiFormerBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(N, 3, H, W) -> [(N, C_i, H_i, W_i) for i in out_indices], strides 4 * 2 ** i."""
         check_feature_map(x, name="BiFormerBackbone input", layout="NCHW", channels=self.in_chans)
+        if self.n_win == "auto":
+            self._apply_n_win(self.n_win_for(int(x.shape[-2]), int(x.shape[-1])))
         outputs = []
         for index in range(self.out_indices[-1] + 1):
             x = self.stages[index](self.downsample_layers[index](x))

@@ -2,7 +2,8 @@
 
 Both heads take the four stage maps (strides 4..32) and predict at stride 4; :class:`SemanticSegmentor`
 normalises [0, 1] images, runs backbone and head, and resizes the logits to the input size, so any H and W
-work.
+work. UperNet can have the auxiliary FCN head of the mmseg configs the paper used (on stage 3, loss weight
+0.4, training only): :class:`AuxiliaryFCNHead`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .._checks import check_feature_map, check_positive_int
 from .backbone import BiFormerBackbone
 
 __all__ = [
+    "AUXILIARY_LOSS_WEIGHT",
+    "AuxiliaryFCNHead",
     "SemanticFPNHead",
     "SemanticSegmentor",
     "UperNetHead",
@@ -33,6 +36,10 @@ __all__ = [
     "upernet_biformer_small",
     "upernet_biformer_tiny",
 ]
+
+
+# The weight of the auxiliary head's cross-entropy in the mmseg UperNet configs the paper used.
+AUXILIARY_LOSS_WEIGHT = 0.4
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -155,26 +162,62 @@ class UperNetHead(nn.Module):
         return self.classifier(self.dropout(fused))
 
 
-class SemanticSegmentor(nn.Module):
-    """Backbone + decode head. Images in [0, 1] are normalised with ``mean``/``std`` inside.
+class AuxiliaryFCNHead(nn.Module):
+    """The auxiliary head of mmseg's UperNet configs: on one backbone map (stage 3, stride 16), a 3x3
+    conv-BN-ReLU, dropout and a 1x1 classifier. It only adds a training loss (weight
+    :data:`AUXILIARY_LOSS_WEIGHT`); predictions come from the main head.
 
-    Shapes: (N, 3, H, W) -> logits (N, num_classes, H, W).
+    Args:
+        in_channels: channels of the map it reads.
+        num_classes: output classes.
+        channels: width of its conv (256 in mmseg).
+        in_index: which of the four backbone maps it reads (2: stage 3).
+        dropout: before the classifier (0.1 in mmseg).
+
+    Shapes: four maps -> logits (N, num_classes, H_i, W_i) at the stride of map ``in_index``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, in_index: int = 2,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.in_index = in_index
+        self.conv = _conv_bn_relu(check_positive_int(in_channels, name="in_channels"),
+                                  check_positive_int(channels, name="channels"), 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, check_positive_int(num_classes, name="num_classes"), 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.dropout(self.conv(features[self.in_index])))
+
+
+class SemanticSegmentor(nn.Module):
+    """Backbone + decode head (+ an optional auxiliary head). Images in [0, 1] are normalised with
+    ``mean``/``std`` inside.
+
+    Shapes: (N, 3, H, W) -> logits (N, num_classes, H, W). In training mode with an ``auxiliary_head`` the
+    result is a pair ``(logits, auxiliary_logits)``, both (N, num_classes, H, W); in eval mode it is always
+    the main logits alone.
     """
 
     def __init__(
         self, backbone: BiFormerBackbone, head: nn.Module,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        auxiliary_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.auxiliary_head = auxiliary_head
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         check_feature_map(images, name="SemanticSegmentor input", layout="NCHW", channels=self.backbone.in_chans)
-        logits = self.head(self.backbone((images - self.mean) / self.std))  # (N, classes, ~H/4, ~W/4)
-        return _resize(logits, images.shape[-2:])
+        features = self.backbone((images - self.mean) / self.std)
+        logits = _resize(self.head(features), images.shape[-2:])  # (N, classes, H, W) from ~H/4
+        if self.training and self.auxiliary_head is not None:
+            return logits, _resize(self.auxiliary_head(features), images.shape[-2:])  # from ~H/16
+        return logits
 
 
 def _segmentor(
@@ -184,12 +227,24 @@ def _segmentor(
     checkpoint: str | os.PathLike | Mapping | None,
     backbone_options: Mapping | None,
     head_options: Mapping | None,
+    auxiliary_head: bool | Mapping = False,
 ) -> SemanticSegmentor:
     options = {"n_win": 8, **(backbone_options or {})}
     backbone = BiFormerBackbone(variant, checkpoint=checkpoint, **options)
     if backbone.out_indices != (0, 1, 2, 3):
         raise ValueError(f"backbone_options: the heads need all four stages, got out_indices={backbone.out_indices}")
-    return SemanticSegmentor(backbone, head_class(backbone.channels, num_classes, **(head_options or {})))
+    if not isinstance(auxiliary_head, (bool, Mapping)):
+        raise ValueError(f"auxiliary_head: expected True, False or a dict of AuxiliaryFCNHead arguments, "
+                         f"got {auxiliary_head!r}")
+    auxiliary = None
+    if auxiliary_head is not False:
+        arguments = dict(auxiliary_head) if isinstance(auxiliary_head, Mapping) else {}
+        in_index = arguments.pop("in_index", 2)
+        if in_index not in range(4):
+            raise ValueError(f"auxiliary_head: in_index must be a stage index in 0..3, got {in_index!r}")
+        auxiliary = AuxiliaryFCNHead(backbone.channels[in_index], num_classes, in_index=in_index, **arguments)
+    head = head_class(backbone.channels, num_classes, **(head_options or {}))
+    return SemanticSegmentor(backbone, head, auxiliary_head=auxiliary)
 
 
 def semantic_fpn_biformer(
@@ -221,10 +276,13 @@ def upernet_biformer(
     checkpoint: str | os.PathLike | Mapping | None = None,
     backbone_options: Mapping | None = None,
     head_options: Mapping | None = None,
+    auxiliary_head: bool | Mapping = False,
 ) -> SemanticSegmentor:
     """BiFormer + UperNet; arguments as :func:`semantic_fpn_biformer`, ``head_options`` for
-    :class:`UperNetHead` (``channels``, ``pool_scales``, ``dropout``)."""
-    return _segmentor(UperNetHead, variant, num_classes, checkpoint, backbone_options, head_options)
+    :class:`UperNetHead` (``channels``, ``pool_scales``, ``dropout``). ``auxiliary_head``: True (or a dict
+    of :class:`AuxiliaryFCNHead` arguments: ``channels``, ``in_index``, ``dropout``) adds the mmseg
+    auxiliary FCN head on stage 3; the model then returns ``(logits, auxiliary_logits)`` in training mode."""
+    return _segmentor(UperNetHead, variant, num_classes, checkpoint, backbone_options, head_options, auxiliary_head)
 
 
 def semantic_fpn_biformer_tiny(num_classes: int = 150, **kwargs: object) -> SemanticSegmentor:

@@ -90,6 +90,7 @@ class ClassificationTask(Task):
     name = "classification"
     main_metric = "top1"
     plot_metrics = ("top1",)
+    unused_options = ("architecture", "aux_head", "head_channels", "num_classes", "train_scenes", "val_scenes")
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)

@@ -36,7 +36,10 @@ class TrainConfig:
     """Everything a training run depends on. See the README section "Training, evaluation, prediction"."""
 
     # --- what to train ------------------------------------------------------------------------
-    task: str = _option("classification", "what to train (the Task registered under this name)")
+    task: str = _option(
+        "classification", "what to train: classification, segmentation or detection (the Task registered under this "
+        "name; segmentation and detection have their own defaults, see the README)"
+    )
     model: str = _option("biformer_nano", "timm model name (biformer_nano, biformer_tiny, ...)")
     model_kwargs: dict = _option(
         {"n_win": 2, "topks": [2, 2, 4, -2]},
@@ -47,7 +50,10 @@ class TrainConfig:
         "when the class count differs"
     )
     # --- data ---------------------------------------------------------------------------------
-    dataset: str = _option("fashion-mnist", "fashion-mnist, imagefolder (DIR/train, DIR/val) or csv (DIR/train.csv)")
+    dataset: str = _option(
+        "fashion-mnist", "fashion-mnist, imagefolder (DIR/train, DIR/val) or csv (DIR/train.csv); segmentation and "
+        "detection: scenes (their default), maskfolder or coco"
+    )
     data_dir: str | None = _option(None, "dataset folder (fashion-mnist: searched in the usual places if unset)")
     train_split: str = _option("train", "training split: sub-folder (imagefolder) or CSV name without .csv")
     val_split: str = _option("val", "evaluation split (fashion-mnist: always its 10k test set)")
@@ -59,6 +65,13 @@ class TrainConfig:
     interpolation: str = _option("bilinear", "resize interpolation (bilinear, bicubic)")
     crop_pct: float = _option(1.0, "evaluation: resize to input_size / crop_pct, then centre crop")
     workers: int = _option(1, "data-loading worker processes per rank (0: load in the training process)")
+    bad_images: str = _option(
+        "skip", "unreadable or corrupted images: skip (replace by the next readable one, count, report) or fail "
+        "(stop at the first, naming the file)"
+    )
+    max_bad_images: float = _option(
+        0.01, "skip: stop when more than this fraction of a split's images is unreadable (0: stop at the first)"
+    )
     # --- augmentation (timm) --------------------------------------------------------------------
     scale: list = _option([0.75, 1.0], "random-resized-crop area range")
     hflip: float = _option(0.5, "horizontal flip probability")
@@ -71,6 +84,20 @@ class TrainConfig:
     cutmix: float = _option(0.0, "cutmix alpha (0: off)")
     mixup_prob: float = _option(1.0, "probability of applying mixup or cutmix to a batch")
     smoothing: float = _option(0.1, "label smoothing")
+    # --- detection and segmentation (--task segmentation | detection; see biformer.dense.engine_tasks) ----
+    architecture: str | None = _option(
+        None, "segmentation: semantic_fpn or upernet; detection: maskrcnn or retinanet (None: semantic_fpn / "
+        "maskrcnn)"
+    )
+    train_scenes: int = _option(4000, "dataset scenes: training scenes (from Fashion-MNIST's training crops)")
+    val_scenes: int = _option(500, "dataset scenes: evaluation scenes (from Fashion-MNIST's test crops)")
+    num_classes: int | None = _option(
+        None, "dataset maskfolder: classes in the masks, background included (ids 0..num_classes-1, 255 ignored)"
+    )
+    head_channels: int | None = _option(
+        None, "width of the segmentation head / the detection FPN (None: 64, the CPU recipe)"
+    )
+    aux_head: bool = _option(True, "upernet: the auxiliary FCN head on stage 3 (loss weight 0.4, training only)")
     # --- optimisation -----------------------------------------------------------------------------
     epochs: int = _option(8, "training epochs")
     batch_size: int = _option(128, "images per step per process")
@@ -99,6 +126,10 @@ class TrainConfig:
     output: str = _option("runs", "folder holding the run folders")
     name: str | None = _option(None, "run folder name (None: DATASET-MODEL-TIMESTAMP)")
     eval_every: int = _option(1, "evaluate every this many epochs (and after the last)")
+    time_limit: float | None = _option(
+        None, "minutes of training (wall clock, evaluations included): the learning-rate schedule runs over this "
+        "budget and training stops when it is spent (final evaluation and checkpoint); None: no limit"
+    )
     progress: bool = _option(True, "show progress bars")
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,10 +189,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(*layers: tuple[dict[str, Any], str]) -> TrainConfig:
-    """Defaults, overridden by each ``(values, source)`` layer in turn (e.g. the YAML file, then flags)."""
+    """Defaults, overridden by each ``(values, source)`` layer in turn (e.g. the YAML file, then flags).
+
+    The defaults are TrainConfig's, with the chosen task's ``defaults`` over them (e.g. ``dataset: scenes``
+    for segmentation and detection)."""
     merged: dict[str, Any] = {}
     for values, source in layers:
         merged.update(check_values(values, source))
+    from .task import check_task_options, task_defaults  # here: the task module imports this one
+
+    task = merged.get("task", TrainConfig.task)
+    check_task_options(task, merged)
+    merged = {**task_defaults(task), **merged}  # the task's defaults, beneath
     config = TrainConfig(**merged)
     validate(config)
     return config
@@ -169,16 +208,21 @@ def load_config(*layers: tuple[dict[str, Any], str]) -> TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     """Cross-field and range checks; raises :class:`ConfigError` naming the option."""
-    positive = ("epochs", "batch_size", "accum_steps", "lr_base_size", "eval_every")
+    positive = ("epochs", "batch_size", "accum_steps", "lr_base_size", "eval_every", "train_scenes", "val_scenes")
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(config, name)}")
-    for name in ("input_size", "in_chans", "threads"):
+    for name in ("input_size", "in_chans", "threads", "num_classes", "head_channels"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
     if config.workers < 0:
         raise ConfigError(f"option 'workers': expected an integer >= 0, got {config.workers}")
+    if config.bad_images not in ("skip", "fail"):
+        raise ConfigError(f"option 'bad_images': expected 'skip' or 'fail', got {config.bad_images!r}")
+    if not 0.0 <= config.max_bad_images <= 1.0:
+        raise ConfigError(f"option 'max_bad_images': expected a fraction in [0, 1], got {config.max_bad_images}")
+    _check_run_name(config.name)
     for name in ("hflip", "reprob", "mixup_prob"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ConfigError(f"option {name!r}: expected a probability in [0, 1], got {getattr(config, name)}")
@@ -194,19 +238,30 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option 'batch_size': mixup/cutmix need an even batch size, got {config.batch_size}")
     if len(config.scale) != 2 or not 0 < config.scale[0] <= config.scale[1] <= 1:
         raise ConfigError(f"option 'scale': expected [min, max] with 0 < min <= max <= 1, got {config.scale}")
-    for name in ("lr", "clip_grad"):
+    for name in ("lr", "clip_grad", "time_limit"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ConfigError(f"option {name!r}: expected None or a positive number, got {value}")
 
 
+def _check_run_name(name: str | None) -> None:
+    """A run name is one folder name inside ``output``: no separators, no ``..``, not absolute."""
+    if name is None:
+        return
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if name in ("", ".", "..") or any(separator in name for separator in separators) or "\0" in name:
+        raise ConfigError(
+            f"option 'name': expected a single folder name inside 'output' (no '/', no '..', not absolute), "
+            f"got {name!r}"
+        )
+
+
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write ``config`` as YAML (atomically: temporary file, then rename)."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(temporary, path)
-    return path
+    from .checkpoints import atomic_write  # raises WriteError naming the file when it cannot be written
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return atomic_write(path, lambda temporary: temporary.write_text(text))
 
 
 def config_fields() -> list[dataclasses.Field]:

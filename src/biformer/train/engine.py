@@ -11,6 +11,13 @@ data loader are re-seeded from ``(seed, epoch, rank)``, so an epoch's data order
 stochastic depth depend only on those and on the state saved at the end of the previous epoch (model,
 optimizer, scheduler, EMA). ``--resume`` restarts the interrupted epoch from its beginning and ends with
 the same weights as an uninterrupted run (same seed, same number of processes).
+
+Time budget: with ``time_limit`` (minutes, wall clock from the start of training, evaluations included) the
+learning-rate schedule runs over the budget instead of the planned steps: at a fraction ``f`` of the budget
+the rate is the one the schedule gives after ``f`` of the planned epochs (``epochs`` is then an upper bound).
+When the budget is spent, training stops after the current step, the partial epoch counts as done, and the
+model is evaluated and saved as at the end of an epoch (``metrics.json`` says ``stopped_by_time_limit``).
+Such a run depends on the machine's speed, so ``--resume`` continues it but does not reproduce it exactly.
 """
 
 from __future__ import annotations
@@ -34,13 +41,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from .checkpoints import STATE_FILE, load_training_state, save_training_state, save_weights_with_metadata
+from .checkpoints import (
+    STATE_FILE,
+    check_writable_folder,
+    load_training_state,
+    make_folder,
+    remove_stale_temporaries,
+    save_training_state,
+    save_weights_with_metadata,
+)
 from .config import ConfigError, TrainConfig, save_config
+from .data import SkipUnreadable
 from .distributed import Distributed, setup
 from .history import plot_history, write_history
 from .task import MetricSums, Task, TaskData, get_task
 
-__all__ = ["ShardSampler", "Trainer", "evaluate", "lr_for", "move_to", "seed_everything"]
+__all__ = ["ShardSampler", "Trainer", "evaluate", "gather_objects", "lr_for", "move_to", "seed_everything"]
 
 
 def seed_everything(*parts: int) -> None:
@@ -83,6 +99,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def gather_objects(dist: Distributed) -> Callable[[Any], list[Any]]:
+    """A function ``value -> [every process's value]`` (rank order; ``all_gather_object``), for
+    :meth:`MetricSums.gather`; ``[value]`` in one process."""
+
+    def gather(value: Any) -> list[Any]:
+        if not dist.enabled:
+            return [value]
+        values: list[Any] = [None] * dist.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    return gather
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -93,7 +123,8 @@ def evaluate(
     progress: bool = False,
     description: str = "eval",
 ) -> dict[str, Any]:
-    """Run ``model`` over ``loader`` into ``metrics``, sum the metric tensors over processes, compute."""
+    """Run ``model`` over ``loader`` into ``metrics``, sum the metric tensors over processes, gather the rest
+    (:meth:`MetricSums.gather`), compute."""
     was_training = model.training
     model.eval()
     for batch in tqdm(loader, desc=description, leave=False, disable=not progress, dynamic_ncols=True):
@@ -101,6 +132,7 @@ def evaluate(
             metrics.update(model, move_to(batch, dist.device))
     for tensor in metrics.sums():
         tensor.copy_(dist.all_reduce_sum(tensor.to(dist.device)).cpu())
+    metrics.gather(gather_objects(dist))
     model.train(was_training)
     return metrics.compute()
 
@@ -134,9 +166,13 @@ class Trainer:
         self.step_callbacks: list[Callable[[Trainer], None]] = []
         self.resume = resume
         self._check_run_dir()
+        check_writable_folder(self.run_dir, "--resume" if resume else "output")  # before the (slow) data loading
 
         seed_everything(config.seed)  # the same initial weights on every rank
         self.data: TaskData = self.task.build_data(("train", "eval"))
+        self.data.train, self.data.eval = (SkipUnreadable(dataset, config.bad_images, config.max_bad_images, split)
+                                           for dataset, split in ((self.data.train, "train"), (self.data.eval, "eval")))
+        self.unreadable: dict[str, list[int]] = {"train": [], "eval": []}  # indices found unreadable, per split
         self.model = self.task.build_model(self.data.info).to(self.dist.device)
         self.train_loader, self.eval_loader = self._loaders()
         self.updates_per_epoch = len(self.train_loader) // config.accum_steps
@@ -164,6 +200,9 @@ class Trainer:
         self.best_epoch: int | None = None
         self.history: list[dict[str, Any]] = []
         self.last_metrics: dict[str, Any] = {}
+        self.time_budget = config.time_limit * 60 if config.time_limit else None  # seconds
+        self.stopped_by_time_limit = False
+        self._clock = (time.perf_counter(), 0.0)  # (start of this fit, seconds trained before it)
         if resume:
             self._load_state()
 
@@ -222,7 +261,9 @@ class Trainer:
         """Train the remaining epochs; returns the summary also written to ``metrics.json``."""
         config = self.config
         if self.dist.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.checkpoint_dir, "--resume" if self.resume else "output")
+            remove_stale_temporaries(self.checkpoint_dir)  # left by a process killed during a save
+            remove_stale_temporaries(self.run_dir)
             save_config(config, self.run_dir / "config.yaml")
             self._say(f"run folder: {self.run_dir}")
             self._say(
@@ -231,15 +272,15 @@ class Trainer:
                 f"{self.dist.world_size} process(es) on {self.dist.device}, global batch {self.global_batch}, "
                 f"lr {self.lr:.3g}"
             )
-        start = time.perf_counter()
-        elapsed_before = self.history[-1]["time_s"] if self.history else 0.0
+        self._clock = (time.perf_counter(), self.history[-1]["time_s"] if self.history else 0.0)
         try:
-            while self.epoch < config.epochs:
+            while self.epoch < config.epochs and not self.stopped_by_time_limit:
                 row = self._train_epoch()
                 self.epoch += 1
-                if self.epoch % config.eval_every == 0 or self.epoch == config.epochs:
+                if self.epoch % config.eval_every == 0 or self.epoch == config.epochs or self.stopped_by_time_limit:
                     row.update(self._evaluate_all())
-                row["time_s"] = elapsed_before + time.perf_counter() - start
+                row.update(self._count_unreadable())
+                row["time_s"] = self._elapsed()
                 self.history.append(row)
                 self._end_epoch(row)
         finally:
@@ -248,8 +289,8 @@ class Trainer:
         if self.dist.is_main and self.last_metrics:
             main = self.task.main_metric
             self._say(
-                f"final evaluation {main}: {self.last_metrics[main]:.2f} after {self.epoch} epochs "
-                f"({_format_duration(self.history[-1]['time_s'])}); best {self.best:.2f} at epoch {self.best_epoch}; "
+                f"final evaluation {main}: {self.last_metrics[main]:.3f} after {self.epoch} epochs "
+                f"({_format_duration(self.history[-1]['time_s'])}); best {self.best:.3f} at epoch {self.best_epoch}; "
                 f"run folder: {self.run_dir}"
             )
         return summary
@@ -279,9 +320,11 @@ class Trainer:
                 with autocast(dist.device, config.precision):
                     loss, count = self.task.training_loss(self.train_model, move_to(batch, dist.device))
                 if not torch.isfinite(loss):
+                    kept = (f", then continue from the last checkpoint (epoch {self.epoch}, kept) with --resume "
+                            f"{self.run_dir}") if self.epoch else ""
                     raise FloatingPointError(
                         f"training loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step}; lower --lr "
-                        "or enable --clip-grad"
+                        f"or enable --clip-grad{kept}"
                     )
                 (loss / config.accum_steps).backward()
             loss_sum += loss.detach().double().cpu() * count
@@ -291,6 +334,11 @@ class Trainer:
             bar.update(1)
             if dist.is_main and config.progress and (index % 10 == 0 or index + 1 == micro_batches):
                 self._show_progress(bar, loss.item(), epoch_start, index + 1, micro_batches)
+            if self.stopped_by_time_limit:
+                if dist.is_main:
+                    self._say(f"time limit of {config.time_limit:g} min reached at step {self.step}: stopping "
+                              f"after {index + 1} of {micro_batches} batches of epoch {self.epoch + 1}")
+                break
         bar.close()
         self.scheduler.step(self.epoch + 1)
         dist.all_reduce_sum(loss_sum_and_count := torch.stack([loss_sum, samples]).to(dist.device))
@@ -306,17 +354,37 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.scheduler.step_update(num_updates=self.step)
+        self.scheduler.step_update(num_updates=self._schedule_position())
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         for callback in self.step_callbacks:
             callback(self)
+
+    def _elapsed(self) -> float:
+        """Seconds of training so far (this process's clock), earlier sessions of a resumed run included."""
+        start, before = self._clock
+        return before + time.perf_counter() - start
+
+    def _schedule_position(self) -> int:
+        """The update count the learning-rate schedule is evaluated at: the step count, or with a time budget
+        the planned updates times the fraction of the budget used (the slowest process's clock, so every
+        process uses the same rate and stops at the same step). Sets ``stopped_by_time_limit``."""
+        if self.time_budget is None:
+            return self.step
+        used = torch.tensor([self._elapsed()], dtype=torch.float64, device=self.dist.device)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
+        fraction = used.item() / self.time_budget
+        self.stopped_by_time_limit = fraction >= 1.0
+        return int(min(fraction, 1.0) * self.config.epochs * self.updates_per_epoch)
 
     def _show_progress(self, bar: tqdm, loss: float, epoch_start: float, done: int, total: int) -> None:
         """Loss, lr, images/s (all processes) and the ETA of the whole run on the progress bar."""
         seconds = time.perf_counter() - epoch_start
         per_batch = seconds / done
         remaining = (total - done) * per_batch + (self.config.epochs - self.epoch - 1) * total * per_batch
+        if self.time_budget is not None:
+            remaining = min(remaining, self.time_budget - self._elapsed())
         bar.set_postfix_str(
             f"loss {loss:.3f}, lr {self.optimizer.param_groups[0]['lr']:.2e}, "
             f"{done * self.config.batch_size * self.dist.world_size / seconds:.0f} img/s, "
@@ -363,8 +431,13 @@ class Trainer:
         text = f"epoch {self.epoch}/{self.config.epochs}: train loss {row['train_loss']:.4f}"
         for key in (self.task.main_metric, "top5", f"ema_{self.task.main_metric}"):
             if key in row:
-                text += f", {key} {row[key]:.2f}"
-        text += f" (best {self.best:.2f})" if self.best is not None and main_key in row else ""
+                text += f", {key} {row[key]:.3f}"
+        text += f" (best {self.best:.3f})" if self.best is not None and main_key in row else ""
+        if self.unreadable["train"] or self.unreadable["eval"]:
+            names = [self.data.train.source(i) for i in self.unreadable["train"][:2]]
+            names += [self.data.eval.source(i) for i in self.unreadable["eval"][:2]]
+            text += (f", unreadable images skipped so far: train {len(self.unreadable['train'])}, "
+                     f"eval {len(self.unreadable['eval'])} (e.g. {', '.join(names)}; all in metrics.json)")
         self._say(text + f", {row['train_images_per_s']:.0f} img/s, {_format_duration(row['time_s'])} elapsed")
 
     def _state(self) -> dict[str, Any]:
@@ -377,8 +450,18 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         """Epochs done, best and final metrics (with per-class values), run folder."""
+        unreadable = {split: [dataset.source(index) for index in self.unreadable[split]]
+                      for split, dataset in (("train", self.data.train), ("eval", self.data.eval))}
         return dict(epochs_completed=self.epoch, steps=self.step, main_metric=self.task.main_metric,
-                    best=self.best, best_epoch=self.best_epoch, final=self.last_metrics, run_dir=str(self.run_dir))
+                    best=self.best, best_epoch=self.best_epoch, final=self.last_metrics, run_dir=str(self.run_dir),
+                    unreadable_images=unreadable, stopped_by_time_limit=self.stopped_by_time_limit)
+
+    def _count_unreadable(self) -> dict[str, int]:
+        """Update ``self.unreadable`` with every process's findings; the counts for the epoch's metrics row."""
+        for split, dataset in (("train", self.data.train), ("eval", self.data.eval)):
+            flags = self.dist.all_reduce_sum(dataset.unreadable.to(self.dist.device, torch.float32))  # (N,)
+            self.unreadable[split] = flags.nonzero().flatten().tolist()
+        return {f"unreadable_{split}_images": len(indices) for split, indices in self.unreadable.items()}
 
     def _say(self, text: str) -> None:
         tqdm.write(text)

@@ -92,7 +92,7 @@ def load_for_inference(path: str | os.PathLike, model_name: str | None = None,
             raise ConfigError(f"--model: {path} holds a {values['model']}, not a {model_name}")
     else:
         values, info = _foreign_checkpoint_config(path, model_name)
-    values.update(pretrained=None)
+    values.update(pretrained=None, name=None)  # the stored run name and output are never used (nor written to)
     config = load_config((values, str(path)), (dict(overrides or {}), "flags"))
     task = get_task(config)
     model = task.build_model(info)

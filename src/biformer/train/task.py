@@ -13,19 +13,30 @@ The engine (:mod:`biformer.train.engine`) knows nothing about images or labels. 
   device), with any batch-level augmentation (mixup) applied inside. ``model`` may be wrapped in
   DistributedDataParallel: call it, do not reach into it.
 - ``new_metrics(info)`` -> :class:`MetricSums`: an accumulator for evaluation. ``update(model, batch)``
-  adds one batch; ``sums()`` lists the tensors the engine sums across processes; ``compute()`` turns the
-  (summed) tensors into ``{name: value}``. Scalar values go to ``metrics.csv``; lists only to JSON.
+  adds one batch; ``sums()`` lists the tensors the engine sums across processes; ``gather(gather_objects)``
+  (optional) merges state that does not add up, e.g. detection's per-image predictions:
+  ``gather_objects(value)`` returns every process's ``value`` in rank order (``all_gather_object``; in one
+  process ``[value]``); the engine calls it once, after summing; ``compute()`` turns the (summed, gathered)
+  state into ``{name: value}``. Scalar values go to ``metrics.csv``; lists only to JSON.
 - ``main_metric`` (class attribute): the key of ``compute()``'s dict that picks the "best" checkpoint
   (higher is better), and ``plot_metrics``: the keys drawn beside the loss in ``metrics.png``.
+- ``defaults`` (class attribute, optional): values of shared options that differ for this task from
+  :class:`~biformer.train.config.TrainConfig`'s (the classification quick start's), e.g. ``dataset`` or
+  ``model``. :func:`~biformer.train.config.load_config` applies them beneath the YAML file and the flags.
+- ``unused_options`` (class attribute, optional): options of other tasks that this task does not read (e.g.
+  ``mixup`` for segmentation). Giving one a value other than its default is an error, not silently ignored.
 
 A batch is whatever the collate function returns (tensors, or tuples/lists/dicts of them); the engine
 moves every tensor in it to the device. Tasks are registered by name with :func:`register_task`; the
-configuration's ``task`` field picks one (``biformer train --task NAME``).
+configuration's ``task`` field picks one (``biformer train --task NAME``). The built-in tasks
+(``classification``, and ``segmentation`` / ``detection`` from :mod:`biformer.dense.engine_tasks`) are
+imported on first use (:data:`BUILTIN_TASK_MODULES`).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,7 +47,8 @@ from torch.utils.data import Dataset
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["TASKS", "MetricSums", "Task", "TaskData", "get_task", "register_task"]
+__all__ = ["BUILTIN_TASK_MODULES", "TASKS", "MetricSums", "Task", "TaskData", "check_task_options", "get_task",
+           "register_task", "task_class", "task_defaults"]
 
 
 @dataclass
@@ -60,6 +72,13 @@ class MetricSums(abc.ABC):
     def sums(self) -> list[torch.Tensor]:
         """The state tensors, summed in place over processes by the engine before :meth:`compute`."""
 
+    def gather(self, gather_objects: Callable[[Any], list[Any]]) -> None:  # noqa: B027 - optional hook
+        """Merge state that does not add up across processes (called once by the engine, after the sums).
+
+        ``gather_objects(value)`` returns the list of every process's ``value`` (rank order; ``[value]`` in
+        one process). The default does nothing: all the state is in :meth:`sums`.
+        """
+
     @abc.abstractmethod
     def compute(self) -> dict[str, Any]:
         """The metrics: ``{name: float}`` (plus lists, e.g. per-class values)."""
@@ -71,6 +90,8 @@ class Task(abc.ABC):
     name: ClassVar[str]
     main_metric: ClassVar[str]
     plot_metrics: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+    unused_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -94,6 +115,12 @@ class Task(abc.ABC):
 
 
 TASKS: dict[str, type[Task]] = {}
+# task name -> module that registers it, imported on first use
+BUILTIN_TASK_MODULES = {
+    "classification": "biformer.train.classification",
+    "segmentation": "biformer.dense.engine_tasks",
+    "detection": "biformer.dense.engine_tasks",
+}
 
 
 def register_task(task_class: type[Task]) -> type[Task]:
@@ -102,8 +129,39 @@ def register_task(task_class: type[Task]) -> type[Task]:
     return task_class
 
 
+def task_class(name: str) -> type[Task]:
+    """The Task class registered as ``name`` (importing a built-in task's module on first use)."""
+    if name not in TASKS and name in BUILTIN_TASK_MODULES:
+        importlib.import_module(BUILTIN_TASK_MODULES[name])
+    if name not in TASKS:
+        available = sorted(set(TASKS) | set(BUILTIN_TASK_MODULES))
+        raise ConfigError(f"option 'task': unknown task {name!r}; available: {available}")
+    return TASKS[name]
+
+
+def task_defaults(name: str) -> dict[str, Any]:
+    """The option values task ``name`` uses instead of TrainConfig's defaults (empty for unknown names: the
+    error comes when the task is built)."""
+    try:
+        return dict(task_class(name).defaults)
+    except ConfigError:
+        return {}
+
+
+def check_task_options(name: str, given: dict[str, Any]) -> None:
+    """Refuse options ``given`` (by a file or flags) that task ``name`` would ignore (its ``unused_options``)
+    unless they hold their default value (a resumed run's config.yaml lists every option)."""
+    try:
+        unused = task_class(name).unused_options
+    except ConfigError:
+        return  # an unknown task is reported when it is built
+    defaults = TrainConfig()
+    for option in unused:
+        if option in given and given[option] != getattr(defaults, option):
+            raise ConfigError(f"option {option!r}: not used by task {name!r} (got {given[option]!r}); "
+                              f"remove it or choose another --task")
+
+
 def get_task(config: TrainConfig) -> Task:
     """The Task the configuration names."""
-    if config.task not in TASKS:
-        raise ConfigError(f"option 'task': unknown task {config.task!r}; available: {sorted(TASKS)}")
-    return TASKS[config.task](config)
+    return task_class(config.task)(config)

@@ -1,0 +1,230 @@
+"""``biformer train --task segmentation`` / ``--task detection``: the engine's Tasks over the dense task objects.
+
+These adapters turn a :class:`~biformer.train.config.TrainConfig` into a
+:class:`~biformer.dense.tasks.SegmentationTask` or :class:`~biformer.dense.tasks.DetectionTask` (which hold the
+loss and the metrics) and its datasets; the generic engine does the rest (progress bars, run folder,
+checkpoints, ``--resume``, torchrun).
+
+Options (TrainConfig fields) and what they mean here:
+
+- ``architecture``: ``semantic_fpn`` (default) or ``upernet``; ``maskrcnn`` (default) or ``retinanet``.
+- ``model``: the backbone: ``shallow`` (default, about 1.9 M parameters with its head), ``micro`` (see
+  :data:`~biformer.dense.tasks.PRESETS`) or ``biformer_tiny`` / ``biformer_small`` / ``biformer_base``.
+  ``model_kwargs``: more :class:`~biformer.dense.BiFormerBackbone` arguments; ``n_win`` defaults to ``"auto"``
+  (:func:`~biformer.dense.backbone.auto_n_win`: 4 for 128 px scenes). ``pretrained``: backbone weights
+  (classification or dense checkpoints, loaded with :func:`~biformer.dense.load_backbone_weights`).
+- ``dataset``: ``scenes`` (default; the built-in Fashion-MNIST scenes, ``train_scenes`` / ``val_scenes`` of
+  ``input_size`` px, composed once and kept in memory; ``data_dir``: the Fashion-MNIST idx folder when not
+  the Debian package's), ``coco`` (detection: ``data_dir/TRAIN_SPLIT`` images
+  with ``data_dir/annotations/instances_TRAIN_SPLIT.json``, the COCO layout) or ``maskfolder`` (segmentation:
+  ``data_dir/images/SPLIT`` and ``data_dir/annotations/SPLIT`` PNG masks of class ids, the ADE20K layout,
+  with ``num_classes``).
+- ``input_size``: scenes' side; detection: torchvision's ``min_size`` (``max_size`` = input_size for scenes,
+  ``input_size * 1333 / 800`` for COCO). ``head_channels``: head width (default 64). ``aux_head``: UperNet's
+  auxiliary FCN head (on by default).
+- Classification-only options (augmentation, mixup, label smoothing, ``crop_pct`` ...) are not used.
+
+The tasks' :attr:`defaults` replace the classification quick start's values (listed in the README).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from ..train.config import ConfigError, TrainConfig
+from ..train.data import DataError
+from ..train.task import MetricSums, Task, TaskData, register_task
+from .backbone import load_backbone_weights
+from .loaders import CocoDetectionDataset, MaskFolderDataset
+from .tasks import (
+    DETECTION_ARCHITECTURES,
+    PRESETS,
+    SEGMENTATION_ARCHITECTURES,
+    CachedDataset,
+    DetectionTask,
+    SegmentationTask,
+    cpu_model_options,
+)
+
+__all__ = ["DenseEngineTask", "DetectionEngineTask", "SegmentationEngineTask"]
+
+NAMED_BACKBONES = ("biformer_tiny", "biformer_small", "biformer_base")
+# Shared by both tasks: the small CPU recipe on 128 px scenes, 1 thread, composed scenes in memory (no worker).
+COMMON_DEFAULTS: dict[str, Any] = dict(
+    dataset="scenes", model="shallow", model_kwargs={}, input_size=128, batch_size=8, lr_base_size=8,
+    clip_grad=5.0, workers=0, warmup_epochs=0.25, min_lr=1e-5,
+)
+
+
+class DenseEngineTask(Task):
+    """What segmentation and detection share: options, datasets, the dense task object."""
+
+    architectures: ClassVar[dict[str, Any]]
+    datasets: ClassVar[tuple[str, ...]]
+    default_architecture: ClassVar[str]
+    unused_options = ("auto_augment", "color_jitter", "crop_pct", "cutmix", "download", "hflip", "in_chans",
+                      "interpolation", "mean", "mixup", "mixup_prob", "reprob", "scale", "smoothing", "std")
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        if config.dataset not in self.datasets:
+            raise ConfigError(f"option 'dataset': --task {self.name} expects one of {self.datasets}, "
+                              f"got {config.dataset!r}")
+        self.architecture = config.architecture or self.default_architecture
+        if self.architecture not in self.architectures:
+            raise ConfigError(f"option 'architecture': --task {self.name} expects one of "
+                              f"{sorted(self.architectures)}, got {self.architecture!r}")
+        if config.model not in PRESETS and config.model not in NAMED_BACKBONES:
+            raise ConfigError(f"option 'model': expected a backbone preset {sorted(PRESETS)} or one of "
+                              f"{NAMED_BACKBONES}, got {config.model!r}")
+        if config.dataset != "scenes" and config.data_dir is None:
+            raise ConfigError(f"option 'data_dir': required for dataset {config.dataset!r}")
+        self.dense: SegmentationTask | DetectionTask | None = None
+
+    # --- data ----------------------------------------------------------------------------------
+    def _split_path(self, *parts: str) -> Path:
+        return Path(os.path.expanduser(self.config.data_dir)).joinpath(*parts)
+
+    def _own_datasets(self, splits: tuple[str, ...]) -> tuple[Dataset | None, Dataset | None, list[str]]:
+        """(train, eval, class names) for the ``coco`` or ``maskfolder`` dataset."""
+        raise NotImplementedError
+
+    def build_data(self, splits: tuple[str, ...] = ("train", "eval"), info: dict[str, Any] | None = None) -> TaskData:
+        config = self.config
+        if config.dataset == "scenes":
+            train, evaluation, class_names = self._scenes(splits)
+        else:
+            train, evaluation, class_names = self._own_datasets(splits)
+        if info is not None and len(info["class_names"]) != len(class_names):
+            raise DataError(f"{config.dataset}: the data has {len(class_names)} classes, the checkpoint "
+                            f"{len(info['class_names'])}")
+        info = info or dict(class_names=list(class_names), num_classes=len(class_names), in_chans=3,
+                            input_size=config.input_size)
+        return TaskData(train=train, eval=evaluation, collate_fn=self._dense_task(info).collate_fn, info=info)
+
+    def _scenes(self, splits: tuple[str, ...]) -> tuple[Dataset | None, Dataset | None, list[str]]:
+        config = self.config
+        if config.input_size is None or config.input_size < 28:
+            raise ConfigError(f"option 'input_size': scenes need at least 28 px (a Fashion-MNIST crop), "
+                              f"got {config.input_size}")
+        dense_class = SegmentationTask if self.name == "segmentation" else DetectionTask
+        try:
+            scenes = dense_class.scenes(train_scenes=config.train_scenes, val_scenes=config.val_scenes,
+                                        image_size=config.input_size, seed=config.seed,
+                                        root=config.data_dir, architecture=self.architecture)
+        except FileNotFoundError as error:
+            raise DataError(f"dataset scenes: {error}") from error
+        train = CachedDataset(scenes.train_dataset) if "train" in splits else None
+        evaluation = CachedDataset(scenes.val_dataset) if "eval" in splits else None
+        return train, evaluation, list(scenes.train_dataset.class_names)
+
+    # --- model ---------------------------------------------------------------------------------
+    def _model_options(self) -> dict[str, Any]:
+        config = self.config
+        backbone_options = {"n_win": "auto", "batch_norm": "train", **config.model_kwargs}
+        if config.drop_path:
+            backbone_options["drop_path_rate"] = config.drop_path
+        return cpu_model_options(self.name, self.architecture, config.head_channels, backbone_options,
+                                 auxiliary_head=config.aux_head)
+
+    def _dense_task(self, info: dict[str, Any]) -> SegmentationTask | DetectionTask:
+        raise NotImplementedError
+
+    def build_model(self, info: dict[str, Any]) -> nn.Module:
+        self.dense = self._dense_task(info)
+        try:
+            model = self.dense.build_model()
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"option 'model_kwargs': cannot build {self.architecture} on {self.config.model} "
+                              f"with {self.config.model_kwargs}: {error}") from error
+        if self.config.pretrained:
+            backbone = model.backbone.body if self.name == "detection" else model.backbone
+            load_backbone_weights(backbone, self.config.pretrained)
+        if self.config.grad_checkpointing:
+            (model.backbone.body if self.name == "detection" else model.backbone).set_grad_checkpointing(True)
+        return model
+
+    # --- loss and metrics ----------------------------------------------------------------------
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[Any, int]:
+        loss, _parts = self.dense.loss(model, batch)
+        return loss, len(batch[0])
+
+    def new_metrics(self, info: dict[str, Any]) -> MetricSums:
+        return self._dense_task(info).new_metrics()
+
+
+def _variant(config: TrainConfig) -> str | dict:
+    return dict(PRESETS[config.model]) if config.model in PRESETS else config.model
+
+
+@register_task
+class SegmentationEngineTask(DenseEngineTask):
+    """``--task segmentation``: Semantic FPN or UperNet, cross-entropy, mIoU."""
+
+    name = "segmentation"
+    main_metric = "mIoU"
+    plot_metrics = ("mIoU",)
+    architectures = SEGMENTATION_ARCHITECTURES
+    datasets = ("scenes", "maskfolder")
+    default_architecture = "semantic_fpn"
+    defaults: ClassVar[dict[str, Any]] = dict(COMMON_DEFAULTS, lr_base=2e-3, epochs=8)
+
+    def _own_datasets(self, splits: tuple[str, ...]) -> tuple[Dataset | None, Dataset | None, list[str]]:
+        config = self.config
+        if config.num_classes is None:
+            raise ConfigError("option 'num_classes': required for dataset 'maskfolder' (classes in the masks)")
+
+        def folder(split: str) -> MaskFolderDataset:
+            return MaskFolderDataset(self._split_path("images", split), self._split_path("annotations", split),
+                                     config.num_classes)
+
+        try:
+            train = folder(config.train_split) if "train" in splits else None
+            evaluation = folder(config.val_split) if "eval" in splits else None
+        except FileNotFoundError as error:
+            raise DataError(f"dataset maskfolder: {error}") from error
+        return train, evaluation, ["background", *(f"class {i}" for i in range(1, config.num_classes))]
+
+    def _dense_task(self, info: dict[str, Any]) -> SegmentationTask:
+        return SegmentationTask(None, None, info["num_classes"], architecture=self.architecture,
+                                variant=_variant(self.config), model_options=self._model_options())
+
+
+@register_task
+class DetectionEngineTask(DenseEngineTask):
+    """``--task detection``: Mask R-CNN or RetinaNet (torchvision), COCO mAP (main: mAP@0.5)."""
+
+    name = "detection"
+    main_metric = "mAP@0.5"
+    plot_metrics = ("mAP@0.5", "mAP")
+    architectures = DETECTION_ARCHITECTURES
+    datasets = ("scenes", "coco")
+    default_architecture = "maskrcnn"
+    defaults: ClassVar[dict[str, Any]] = dict(COMMON_DEFAULTS, lr_base=1e-3, epochs=3)
+
+    def _own_datasets(self, splits: tuple[str, ...]) -> tuple[Dataset | None, Dataset | None, list[str]]:
+        with_masks = self.architecture == "maskrcnn"
+
+        def coco(split: str) -> CocoDetectionDataset:
+            return CocoDetectionDataset(self._split_path(split),
+                                        self._split_path("annotations", f"instances_{split}.json"), with_masks)
+
+        try:
+            train = coco(self.config.train_split) if "train" in splits else None
+            evaluation = coco(self.config.val_split) if "eval" in splits else None
+        except (FileNotFoundError, ValueError) as error:
+            raise DataError(f"dataset coco: {error}") from error
+        return train, evaluation, list((train or evaluation).class_names)
+
+    def _dense_task(self, info: dict[str, Any]) -> DetectionTask:
+        config = self.config
+        size = info["input_size"]
+        max_size = size if config.dataset == "scenes" else round(size * 1333 / 800)
+        options = {**self._model_options(), "min_size": size, "max_size": max_size}
+        return DetectionTask(None, None, info["num_classes"], architecture=self.architecture,
+                             variant=_variant(config), model_options=options)
