@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dense_helpers import write_coco, write_mask_folder
 from safetensors.torch import load_file
 
 from biformer.cli import build_parser, main
@@ -95,6 +96,35 @@ def test_train_resume_and_eval(tmp_path, capsys, task, architecture):
     assert main(["predict", "--checkpoint", str(run / "checkpoints" / "last.safetensors"), "image.png"]) == 2
     error = capsys.readouterr().err
     assert f"is a {task} checkpoint; biformer predict handles classification checkpoints only" in error
+
+
+def test_coco_and_mask_folder_data_through_the_command(tmp_path, capsys):
+    """Your own data: COCO-format detection (DATA/SPLIT + DATA/annotations/instances_SPLIT.json) and an
+    image/mask folder for segmentation (DATA/images/SPLIT + DATA/annotations/SPLIT); trained and evaluated."""
+    coco = tmp_path / "coco"
+    for split in ("train", "val"):
+        (coco / split).mkdir(parents=True)
+        (coco / "annotations").mkdir(exist_ok=True)
+        write_coco(coco / split)
+        (coco / split / "instances.json").rename(coco / "annotations" / f"instances_{split}.json")
+    flags = tiny_flags("detection", tmp_path, "coco-run", architecture="retinanet", dataset="coco",
+                       data_dir=str(coco), epochs=1, batch_size=2)
+    assert main(["train", *flags]) == 0
+    document = json.loads((tmp_path / "coco-run" / "metrics.json").read_text())
+    assert document["steps"] == 1 and 0.0 <= document["final"]["mAP@0.5"] <= 1.0  # 2 images, batch 2
+    assert main(["eval", str(tmp_path / "coco-run" / "checkpoints" / "last.safetensors"), "--output",
+                 str(tmp_path / "coco-eval"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "coco-eval" / "eval.json").read_text())["task"] == "detection"
+
+    folder = tmp_path / "ade"
+    for split in ("training", "validation"):
+        write_mask_folder(tmp_path, images=folder / "images" / split, masks=folder / "annotations" / split)
+    flags = tiny_flags("segmentation", tmp_path, "mask-run", dataset="maskfolder", data_dir=str(folder),
+                       num_classes=3, train_split="training", val_split="validation", epochs=1, batch_size=2)
+    assert main(["train", *flags]) == 0
+    document = json.loads((tmp_path / "mask-run" / "metrics.json").read_text())
+    assert document["steps"] == 1 and 0.0 <= document["final"]["mIoU"] <= 1.0
+    assert len(document["final"]["per_class_IoU"]) == 3
 
 
 def test_two_processes_gather_detections(tmp_path, capsys):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from dense_helpers import TINY, generated_crops
+from dense_helpers import TINY, generated_crops, write_coco, write_mask_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -15,25 +13,6 @@ from biformer.dense import SceneDataset
 from biformer.dense.loaders import CocoDetectionDataset, MaskFolderDataset, detection_collate, segmentation_collate
 from biformer.dense.tasks import DetectionTask, SegmentationTask
 from biformer.images import ImageError
-
-
-def write_coco(folder) -> None:
-    """Two 40x30 images; categories 3 ("cat") and 7 ("dog"); image 2 has no annotation."""
-    for name in ("a.png", "b.png"):
-        Image.fromarray(np.full((30, 40, 3), 128, dtype=np.uint8)).save(folder / name)
-    annotations = [
-        # a 10 x 6 rectangle given as a polygon, category 7
-        dict(id=1, image_id=1, category_id=7, bbox=[5, 4, 10, 6], area=60, iscrowd=0,
-             segmentation=[[5, 4, 15, 4, 15, 10, 5, 10]]),
-        dict(id=2, image_id=1, category_id=3, bbox=[20, 10, 8, 8], area=64, iscrowd=0,
-             segmentation=[[20, 10, 28, 10, 28, 18, 20, 18]]),
-        dict(id=3, image_id=1, category_id=3, bbox=[0, 0, 40, 30], area=1200, iscrowd=1,
-             segmentation=[[0, 0, 40, 0, 40, 30, 0, 30]]),
-    ]
-    coco = dict(images=[dict(id=1, file_name="a.png", width=40, height=30),
-                        dict(id=2, file_name="b.png", width=40, height=30)],
-                annotations=annotations, categories=[dict(id=3, name="cat"), dict(id=7, name="dog")])
-    (folder / "instances.json").write_text(json.dumps(coco))
 
 
 def test_coco_loader_gives_torchvision_targets(tmp_path):
@@ -61,19 +40,6 @@ def test_coco_loader_errors(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="not COCO-format JSON"):
         CocoDetectionDataset(tmp_path, tmp_path / "broken.json")
-
-
-def write_mask_folder(tmp_path, sizes=((20, 30), (24, 16))) -> tuple:
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    for index, (height, width) in enumerate(sizes):
-        Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8)).save(images / f"{index}.jpg")
-        mask = Image.fromarray((np.arange(height * width).reshape(height, width) % 3).astype(np.uint8), mode="L")
-        mask = mask.convert("P")  # palette PNG: indices are the class ids
-        mask.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
-        mask.save(masks / f"{index}.png")
-    return images, masks
 
 
 def test_mask_folder_and_padding_collate(tmp_path):
