@@ -9,10 +9,12 @@ import statistics
 import numpy as np
 import pytest
 import timm
+import torch
 import yaml
 
 import biformer  # noqa: F401  (registers the models)
 from biformer.cli import main
+from biformer.comparison.cost import count_flops
 from biformer.train.data import read_idx
 from train.synthetic import make_fashion_mnist
 
@@ -59,6 +61,33 @@ def test_cost_files_hold_real_measurements(tmp_path, capsys):
             f"{window['images_per_s'] / bra['images_per_s']:.2f}x | {window['peak_extra_mib']:.0f} |") in table
     assert f"| 128 px | bra | {bra['params'] / 1e6:.2f} | {bra['gflops']:.2f} | 1.00x |" in table
     assert table in printed and "results: " in printed
+
+
+def test_cost_model_kwargs_reach_every_cost_model(tmp_path, capsys):
+    """BRA with fixed-size regions (8 x 8 stage-1 tokens at 128 px instead of n_win=7's 5 x 5 on a map padded
+    to 35 x 35) is another network; window attention, which has no regions, is the same either way."""
+    common = ["compare", "--tasks", "cost", "--model", "biformer_nano", "--sizes", "128", "--attn-types", "bra",
+              "window", "--repeats", "1"]
+    assert main([*common, "--output", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--cost-model-kwargs", "{region_sizes: [8, 4, 2, null]}",
+                 "--output", str(tmp_path / "regions")]) == 0
+    plain, regions = ({point["attn_type"]: point for point in json.loads((tmp_path / name / "results.json")
+                       .read_text())["cost"]} for name in ("plain", "regions"))
+    model = timm.create_model("biformer_nano", attn_type="bra", region_sizes=[8, 4, 2, None])
+    assert regions["bra"]["gflops"] == pytest.approx(count_flops(model.eval(), torch.rand(1, 3, 128, 128))[0] / 1e9)
+    assert regions["bra"]["gflops"] != pytest.approx(plain["bra"]["gflops"])
+    assert regions["window"]["gflops"] == pytest.approx(plain["window"]["gflops"])
+    assert "{'region_sizes': [8, 4, 2, None]}, inference" in (tmp_path / "regions" / "table.md").read_text()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--tasks", "cost", "--model-kwargs", "{n_win: 4}"], "--model-kwargs: sets the classification model only"),
+    (["--tasks", "classification", "--cost-model-kwargs", "{n_win: 4}"], "--cost-model-kwargs: sets the cost models"),
+])
+def test_model_arguments_for_a_task_that_does_not_run_are_refused(tmp_path, capsys, arguments, message):
+    assert main(["compare", *arguments, "--output", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_training_runs_are_the_engine_runs(tmp_path, capsys):

@@ -69,6 +69,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="a point needing more extra memory is skipped (default: 8)")
     cost.add_argument("--max-forward-seconds", type=float, default=60.0,
                       help="a point whose forward takes longer is not timed (default: 60)")
+    cost.add_argument("--cost-model-kwargs", type=_mapping, metavar="YAML",
+                      help="more arguments of every type's cost model, e.g. '{region_sizes: [8, 4, 2, null]}' "
+                           "(BRA with regions of fixed size; the types without regions ignore it)")
     training = parser.add_argument_group("training budget")
     training.add_argument("--epochs", type=int,
                           help="epochs per run (default: 2; with --budget-minutes an upper bound, default 100)")
@@ -103,7 +106,7 @@ def options_from(args: argparse.Namespace) -> object:
         max_forward_s=args.max_forward_seconds, budget_minutes=args.budget_minutes,
         train_samples=args.train_samples, input_size=args.input_size, train_scenes=args.train_scenes,
         val_scenes=args.val_scenes, train_batch_size=args.train_batch_size, data_dir=args.data_dir,
-        scene_size=args.scene_size, model_kwargs=args.model_kwargs,
+        scene_size=args.scene_size, model_kwargs=args.model_kwargs, cost_model_kwargs=args.cost_model_kwargs,
     )
     if args.epochs is not None or args.budget_minutes is not None:
         values["epochs"] = args.epochs if args.epochs is not None else BUDGET_EPOCHS_BOUND

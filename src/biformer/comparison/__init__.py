@@ -58,6 +58,7 @@ class CompareOptions:
     batch_size: int = 1
     repeats: int = 3
     memory_limit_gib: float = 8.0
+    cost_model_kwargs: dict[str, Any] | None = None  # more arguments of every type's cost model (region_sizes ...)
     max_forward_s: float = 60.0
     # training (both tasks)
     train_model: str = "biformer_nano"
@@ -117,6 +118,12 @@ def check_options(options: CompareOptions) -> None:
                           options.memory_limit_gib), ("--max-forward-seconds", options.max_forward_s)):
         if value is not None and not value > 0:
             raise ComparisonError(f"{option}: expected a positive number, got {value:g}")
+    if options.model_kwargs is not None and "classification" not in options.tasks:
+        raise ComparisonError(f"--model-kwargs: sets the classification model only, and --tasks is "
+                              f"{','.join(options.tasks)}; for the cost models use --cost-model-kwargs")
+    if options.cost_model_kwargs is not None and "cost" not in options.tasks:
+        raise ComparisonError(f"--cost-model-kwargs: sets the cost models only, and --tasks is "
+                              f"{','.join(options.tasks)}")
     _check_output(Path(options.output))
 
 
@@ -159,7 +166,8 @@ def run_comparison(
     header["torch"] = torch.__version__
     points: list[CostPoint] = []
     runs: list[TrainingResult] = []
-    titles = dict(cost_title=f"{options.cost_model}, inference, fp32, batch {options.batch_size}, "
+    cost_kwargs = f" {options.cost_model_kwargs}" if options.cost_model_kwargs else ""
+    titles = dict(cost_title=f"{options.cost_model}{cost_kwargs}, inference, fp32, batch {options.batch_size}, "
                              f"{options.threads} thread(s); median of {options.repeats} interleaved calls",
                   accuracy_title=_accuracy_title(options))
 
@@ -174,6 +182,7 @@ def run_comparison(
             options.attn_types, options.sizes, options.cost_model, batch_size=options.batch_size,
             repeats=options.repeats, threads=options.threads, memory_limit_gib=options.memory_limit_gib,
             max_forward_s=options.max_forward_s, log=log,
+            model_kwargs={name: dict(options.cost_model_kwargs or {}) for name in options.attn_types},
         ))
         save()
     for values, run_name in plan:
