@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
-from biformer import load_checkpoint
+from biformer import files, load_checkpoint
 from biformer.cli import main
 from biformer.train import Trainer, load_config
 from train.synthetic import make_image_folder, micro_options
@@ -99,3 +100,16 @@ def test_eval_errors(trained, tmp_path, capsys):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 20)
     assert main(["eval", str(tmp_path / "broken.safetensors")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    checkpoint, _, _ = trained
+
+    def disk_full(temporary):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_sync_to_disk", disk_full)
+    assert main(["eval", str(checkpoint), "--output", str(tmp_path), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("biformer eval: error: cannot write ") and "eval.json (No space left on device)" in error
+    assert error.count("\n") == 1 and list(tmp_path.iterdir()) == []  # no partial file, no temporary

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write
 from .train import add_config_flags, given_config_values, report_error
 
 EPILOG = """\
@@ -61,7 +62,7 @@ def plot_confusion(path: Path, confusion: list[list[int]], class_names: list[str
                     axis.text(column, row, int(counts[row, column]), ha="center", va="center", fontsize=7, color=color)
     axis.set(xlabel="predicted class", ylabel="true class", title="confusion matrix")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
     plt.close(figure)
 
 
@@ -84,8 +85,25 @@ def _write_dense_report(checkpoint: str, output: Path, config: Any, architecture
             print(f"  {name:<20} {value:.4f}" if isinstance(value, float) else f"  {name:<20} {value}")
     report = dict(checkpoint=str(checkpoint), task=config.task, architecture=architecture, dataset=config.dataset,
                   data_dir=config.data_dir, split=split, class_names=info["class_names"], **metrics)
-    (output / "eval.json").write_text(json.dumps(report, indent=1))
+    _write_json(output / "eval.json", report)
     print(f"wrote {output / 'eval.json'}")
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(document, indent=1)))
+
+
+def _write_classification_report(checkpoint: str, output: Path, config: Any, info: dict[str, Any],
+                                 metrics: dict[str, Any]) -> None:
+    """Classification: top-1/top-5 and per-class accuracy printed; eval.json and confusion.png written."""
+    class_names = info["class_names"]
+    split = "test" if config.dataset == "fashion-mnist" else config.val_split
+    _print_report(metrics, class_names, f"{config.dataset} {split}")
+    report = dict(checkpoint=str(checkpoint), dataset=config.dataset, data_dir=config.data_dir,
+                  split=split, class_names=class_names, **metrics)
+    _write_json(output / "eval.json", report)
+    plot_confusion(output / "confusion.png", metrics["confusion"], class_names)
+    print(f"wrote {output / 'eval.json'} and {output / 'confusion.png'}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,15 +136,11 @@ def run(args: argparse.Namespace) -> int:
         dist.shutdown()
     except (ConfigError, DataError, ImageError, FileNotFoundError, ValueError, WriteError) as error:
         return report_error("eval", error)
-    if dist.is_main and config.task != "classification":
-        _write_dense_report(args.checkpoint, output, config, task.architecture, info, metrics)
-    elif dist.is_main:
-        class_names = info["class_names"]
-        split = "test" if config.dataset == "fashion-mnist" else config.val_split
-        _print_report(metrics, class_names, f"{config.dataset} {split}")
-        report = dict(checkpoint=str(args.checkpoint), dataset=config.dataset, data_dir=config.data_dir,
-                      split=split, class_names=class_names, **metrics)
-        (output / "eval.json").write_text(json.dumps(report, indent=1))
-        plot_confusion(output / "confusion.png", metrics["confusion"], class_names)
-        print(f"wrote {output / 'eval.json'} and {output / 'confusion.png'}")
+    try:
+        if dist.is_main and config.task != "classification":
+            _write_dense_report(args.checkpoint, output, config, task.architecture, info, metrics)
+        elif dist.is_main:
+            _write_classification_report(args.checkpoint, output, config, info, metrics)
+    except WriteError as error:  # e.g. the disk filled up during the evaluation
+        return report_error("eval", error)
     return 0
