@@ -9,14 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dense_helpers import write_coco, write_mask_folder
+from PIL import Image
 from safetensors.torch import load_file
+from torchvision.transforms.functional import to_tensor
 
 from biformer.cli import build_parser, main
 from biformer.cli.train import given_config_values
 from biformer.train import ConfigError, TrainConfig, Trainer, load_config
+from biformer.train.inference import load_for_inference
 
 # A backbone smaller than the "shallow" preset (model_kwargs override the preset's arguments).
 TINY_BACKBONE = {"depth": [1, 1, 1, 1], "embed_dim": [16, 16, 32, 32], "qk_dims": [16, 16, 32, 32], "head_dim": 16,
@@ -92,10 +96,39 @@ def test_train_resume_and_eval(tmp_path, capsys, task, architecture):
     assert report["task"] == task and report["architecture"] == architecture
     assert report[main_metric] == pytest.approx(document["final"][main_metric], abs=1e-6)
 
-    # predict handles classification only: a one-line error, no traceback
-    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "last.safetensors"), "image.png"]) == 2
-    error = capsys.readouterr().err
-    assert f"is a {task} checkpoint; biformer predict handles classification checkpoints only" in error
+    _check_predict(run / "checkpoints" / "last.safetensors", task, tmp_path, capsys)
+
+
+def _check_predict(checkpoint: Path, task: str, tmp_path: Path, capsys) -> None:
+    """``biformer predict`` on a dense checkpoint: what it prints and draws is the model's own output."""
+    image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
+    image.save(tmp_path / "scene.png")
+    output = tmp_path / "predictions"
+    capsys.readouterr()
+    options = ["--checkpoint", str(checkpoint), "--output", str(output), "--json"]
+    assert main(["predict", str(tmp_path / "scene.png"), *options, "--score-threshold", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    model = load_for_inference(checkpoint).model.eval()
+    pixels = to_tensor(image)  # (3, 48, 40)
+    with torch.no_grad():
+        if task == "segmentation":
+            expected = model(pixels[None]).argmax(dim=1)[0]  # (48, 40)
+            written = torch.from_numpy(np.array(Image.open(output / "scene-classes.png")))
+            assert torch.equal(written.long(), expected)
+            assert sum(item["fraction"] for item in printed["classes"]) == pytest.approx(1.0)
+            assert Image.open(output / "scene-overlay.png").size == (40, 48)
+        else:
+            expected = model([pixels])[0]
+            assert [item["score"] for item in printed["objects"]] == pytest.approx(
+                sorted(expected["scores"].tolist(), reverse=True))
+            assert Image.open(output / "scene-detections.png").size == (40, 48)
+    twice = [str(tmp_path / "scene.png"), str(tmp_path / "other" / "scene.png")]
+    for images, bad, message in (
+        (twice[:1], ["--score-threshold", "2"], "--score-threshold: expected a score in [0, 1], got 2.0"),
+        (twice, [], "several images are named ['scene']"),
+    ):
+        assert main(["predict", *images, *options, *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_coco_and_mask_folder_data_through_the_command(tmp_path, capsys):
