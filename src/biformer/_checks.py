@@ -38,3 +38,11 @@ def check_positive_int(value: object, *, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check_head_split(dim: int, qk_dim: int, num_heads: int) -> None:
+    """Both ``dim`` (values) and ``qk_dim`` (queries, keys) must split evenly into ``num_heads`` heads."""
+    if dim % num_heads or qk_dim % num_heads:
+        raise ValueError(
+            f"num_heads: dim ({dim}) and qk_dim ({qk_dim}) must be divisible by num_heads, got num_heads={num_heads}"
+        )

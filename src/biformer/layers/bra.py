@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._checks import check_feature_map, check_positive_int
+from .._checks import check_feature_map, check_head_split, check_positive_int
 from ..ops.attention import (
     REGION_LAYOUT,
     backend_layout,
@@ -122,11 +122,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.num_heads = check_positive_int(num_heads, name="num_heads")
         self.n_win = check_positive_int(n_win, name="n_win")
         self.qk_dim = check_positive_int(qk_dim or dim, name="qk_dim")
-        if self.dim % num_heads or self.qk_dim % num_heads:
-            raise ValueError(
-                f"num_heads: dim ({self.dim}) and qk_dim ({self.qk_dim}) must be divisible by num_heads, "
-                f"got num_heads={num_heads}"
-            )
+        check_head_split(self.dim, self.qk_dim, self.num_heads)
         self.topk = check_positive_int(topk, name="topk")
         self.region_size = None if region_size is None else check_positive_int(region_size, name="region_size")
         if region_size is None and topk > n_win**2:

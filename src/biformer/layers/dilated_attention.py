@@ -7,15 +7,17 @@ import math
 import torch
 
 from .._checks import check_positive_int
-from ..ops.regions import pad_bottom_right
+from ..ops.regions import image_to_regions, pad_bottom_right, regions_to_image
 from .projected_attention import ProjectedAttention, padding_labels
 
 
 def image_to_grid_groups(x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """Group the tokens of an NHWC map that lie on one dilated ``grid_h`` x ``grid_w`` grid.
 
-    Token (y, x) goes to group ``(y % step_h) * step_w + x % step_w`` with ``step = side // grid``; inside a
-    group the tokens are row-major.
+    With ``step = side // grid``, token (y, x) goes to group ``(y % step_h) * step_w + x % step_w``; inside a
+    group the tokens are row-major. This is the region partition of :func:`~biformer.ops.regions.image_to_regions`
+    (``grid_h`` x ``grid_w`` regions of ``step_h`` x ``step_w`` tokens) with the two token axes swapped: group
+    ``i`` holds token ``i`` of every region.
 
     Args:
         x: (N, H, W, C) with H divisible by ``grid_h`` and W by ``grid_w``.
@@ -23,19 +25,12 @@ def image_to_grid_groups(x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Ten
     Returns:
         (N, step_h * step_w, grid_h * grid_w, C).
     """
-    batch, height, width, channels = x.shape
-    step_h, step_w = height // grid_h, width // grid_w
-    x = x.view(batch, grid_h, step_h, grid_w, step_w, channels)
-    x = x.permute(0, 2, 4, 1, 3, 5)  # (N, step_h, step_w, grid_h, grid_w, C)
-    return x.reshape(batch, step_h * step_w, grid_h * grid_w, channels)
+    return image_to_regions(x, grid_h, grid_w).transpose(1, 2)  # (N, regions, tokens) -> (N, tokens, regions)
 
 
 def grid_groups_to_image(x: torch.Tensor, grid_h: int, grid_w: int, step_h: int, step_w: int) -> torch.Tensor:
     """Inverse of :func:`image_to_grid_groups`: (N, step_h * step_w, grid_h * grid_w, C) -> (N, H, W, C)."""
-    batch, channels = x.shape[0], x.shape[-1]
-    x = x.view(batch, step_h, step_w, grid_h, grid_w, channels)
-    x = x.permute(0, 3, 1, 4, 2, 5)  # (N, grid_h, step_h, grid_w, step_w, C)
-    return x.reshape(batch, grid_h * step_h, grid_w * step_w, channels)
+    return regions_to_image(x.transpose(1, 2), grid_h, grid_w, step_h, step_w)
 
 
 class DilatedAttention(ProjectedAttention):

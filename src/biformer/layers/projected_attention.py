@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_feature_map, check_positive_int
+from .._checks import check_feature_map, check_head_split, check_positive_int
 from .bra import QKVLinear, make_lepe
 
 
@@ -95,11 +95,7 @@ class ProjectedAttention(nn.Module):
         self.dim = check_positive_int(dim, name="dim")
         self.num_heads = check_positive_int(num_heads, name="num_heads")
         self.qk_dim = check_positive_int(qk_dim or dim, name="qk_dim")
-        if self.dim % num_heads or self.qk_dim % num_heads:
-            raise ValueError(
-                f"num_heads: dim ({self.dim}) and qk_dim ({self.qk_dim}) must be divisible by num_heads, "
-                f"got num_heads={num_heads}"
-            )
+        check_head_split(self.dim, self.qk_dim, self.num_heads)
         if qk_scale is not None and not qk_scale > 0:
             raise ValueError(f"qk_scale: expected None or a positive number, got {qk_scale!r}")
         self.scale = qk_scale or self.qk_dim**-0.5
