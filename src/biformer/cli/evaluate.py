@@ -110,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
+    from ..files import WriteError, make_folder
     from ..images import ImageError
     from ..train import ConfigError
-    from ..train.checkpoints import WriteError, make_folder
     from ..train.data import DataError
     from ..train.distributed import setup
     from ..train.engine import ShardSampler, evaluate

@@ -93,9 +93,9 @@ def report_error(command: str, error: BaseException) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import WriteError
     from ..images import ImageError
     from ..train import ConfigError, Trainer, load_config, load_yaml
-    from ..train.checkpoints import WriteError
     from ..train.data import DataError
 
     try:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..train.checkpoints import atomic_write
+from ..files import atomic_write
 from .accuracy import TrainingResult
 from .cost import CostPoint
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ..files import atomic_write  # raises WriteError naming the file when it cannot be written
+
 __all__ = ["ConfigError", "TrainConfig", "load_config", "load_yaml", "save_config"]
 
 
@@ -258,8 +260,6 @@ def _check_run_name(name: str | None) -> None:
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write ``config`` as YAML (atomically: temporary file, then rename)."""
-    from .checkpoints import atomic_write  # raises WriteError naming the file when it cannot be written
-
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     return atomic_write(path, lambda temporary: temporary.write_text(text))
 

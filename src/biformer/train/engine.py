@@ -41,15 +41,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from .checkpoints import (
-    STATE_FILE,
-    check_writable_folder,
-    load_training_state,
-    make_folder,
-    remove_stale_temporaries,
-    save_training_state,
-    save_weights_with_metadata,
-)
+from ..files import check_writable_folder, make_folder, remove_stale_temporaries
+from .checkpoints import STATE_FILE, load_training_state, save_training_state, save_weights_with_metadata
 from .config import ConfigError, TrainConfig, save_config
 from .data import SkipUnreadable
 from .distributed import Distributed, setup

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import atomic_write
+from ..files import atomic_write
 
 __all__ = ["plot_history", "write_history"]
 
