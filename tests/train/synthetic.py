@@ -93,3 +93,8 @@ def make_csv_dataset(root: Path, per_class: tuple[int, int] = (6, 3), seed: int 
                 lines.append(f"{relative},{name}")
         (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def corrupt(path: Path) -> None:
+    """Keep the first bytes of a PNG (a truncated download)."""
+    path.write_bytes(path.read_bytes()[:40])

@@ -16,12 +16,7 @@ from biformer.dense.loaders import CocoDetectionDataset, MaskFolderDataset, dete
 from biformer.images import ImageError
 from biformer.train import ConfigError, Trainer, load_config
 from biformer.train.data import CsvImageDataset, DataError, SkipUnreadable, collate_classification, image_folder
-from train.synthetic import as_flags, make_csv_dataset, make_image_folder, micro_options
-
-
-def corrupt(path) -> None:
-    """Keep the first bytes of a PNG (a truncated download)."""
-    path.write_bytes(path.read_bytes()[:40])
+from train.synthetic import as_flags, corrupt, make_csv_dataset, make_image_folder, micro_options
 
 
 class Numbered(torch.utils.data.Dataset):

@@ -20,7 +20,8 @@ Writes eval.json (all metrics, per-class accuracy, confusion matrix) and confusi
 """
 
 DATA_FLAGS = ("dataset", "data_dir", "val_split", "download", "batch_size", "workers", "device", "precision",
-              "threads", "progress", "input_size", "crop_pct", "interpolation", "val_scenes")
+              "threads", "progress", "input_size", "crop_pct", "interpolation", "val_scenes", "bad_images",
+              "max_bad_images")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import WriteError, make_folder
     from ..images import ImageError
     from ..train import ConfigError
-    from ..train.data import DataError
+    from ..train.data import DataError, SkipUnreadable
     from ..train.distributed import setup
     from ..train.engine import ShardSampler, evaluate
     from ..train.inference import load_for_inference
@@ -129,13 +130,20 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(config.threads)
         dist = setup(config.device)
         data = task.build_data(("eval",), info)
-        loader = DataLoader(data.eval, batch_size=config.batch_size, num_workers=config.workers,
-                            collate_fn=data.collate_fn, sampler=ShardSampler(data.eval, dist.rank, dist.world_size))
+        images = SkipUnreadable(data.eval, config.bad_images, config.max_bad_images, "eval")  # as in training
+        loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.workers,
+                            collate_fn=data.collate_fn, sampler=ShardSampler(images, dist.rank, dist.world_size))
         metrics = evaluate(loaded.model.to(dist.device), loader, task.new_metrics(info), dist, config.precision,
                            config.progress and dist.is_main)
+        found = dist.all_reduce_sum(images.unreadable.to(dist.device, torch.float32))  # (N,) processes' findings
+        metrics["unreadable_images"] = [images.source(int(index)) for index in found.nonzero().flatten()]
         dist.shutdown()
     except (ConfigError, DataError, ImageError, FileNotFoundError, ValueError, WriteError) as error:
         return report_error("eval", error)
+    if dist.is_main and metrics["unreadable_images"]:
+        skipped = metrics["unreadable_images"]
+        print(f"unreadable images skipped (each replaced by the next readable one): {len(skipped)}, e.g. "
+              f"{', '.join(skipped[:3])}; all in eval.json")
     try:
         if dist.is_main and config.task != "classification":
             _write_dense_report(args.checkpoint, output, config, task.architecture, info, metrics)
