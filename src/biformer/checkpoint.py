@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .files import atomic_write
 
-__all__ = ["load_checkpoint", "read_state_dict", "save_weights", "unwrap_state_dict"]
+__all__ = ["load_checkpoint", "read_state_dict", "save_weights", "shape_mismatches", "unwrap_state_dict"]
 
 _WRAPPER_KEYS = ("model", "state_dict")
 
@@ -67,6 +67,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(checkpoint)
 
 
+def shape_mismatches(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], target: str) -> list[str]:
+    """``"KEY: file (shape) vs TARGET (shape)"`` for every key both hold with different shapes."""
+    return [
+        f"{key}: file {tuple(value.shape)} vs {target} {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and own[key].shape != value.shape
+    ]
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> NamedTuple:
     """Load weights from ``path`` into ``model`` (see :func:`read_state_dict` for formats).
 
@@ -77,12 +86,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             lists them.
     """
     state_dict = read_state_dict(path)
-    own = model.state_dict()
-    mismatched = [
-        f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-        for key, value in state_dict.items()
-        if key in own and own[key].shape != value.shape
-    ]
+    mismatched = shape_mismatches(state_dict, model.state_dict(), "model")
     if mismatched:
         raise ValueError(f"checkpoint {path}: shapes differ from the model: " + "; ".join(mismatched[:10]))
     result = model.load_state_dict(state_dict, strict=False)

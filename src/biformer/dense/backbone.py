@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d, freeze_batch_norm_2d
 
 from .._checks import check_feature_map
-from ..checkpoint import read_state_dict, unwrap_state_dict
+from ..checkpoint import read_state_dict, shape_mismatches, unwrap_state_dict
 from ..layers import BiLevelRoutingAttention
 from ..models import BiFormer
 
@@ -295,11 +295,7 @@ def load_backbone_weights(
     state_dict = unwrap_state_dict(checkpoint) if isinstance(checkpoint, Mapping) else read_state_dict(checkpoint)
     entries, dropped = _backbone_entries(state_dict)
     own = backbone.state_dict()
-    mismatched = [
-        f"{key}: file {tuple(value.shape)} vs backbone {tuple(own[key].shape)}"
-        for key, value in entries.items()
-        if key in own and own[key].shape != value.shape
-    ]
+    mismatched = shape_mismatches(entries, own, "backbone")
     if mismatched:
         raise ValueError("checkpoint: shapes differ from the backbone (another variant?): " + "; ".join(mismatched[:8]))
     result = backbone.load_state_dict(entries, strict=False)
