@@ -1,4 +1,4 @@
-"""Shared test helpers. Ground truth lives in ../shared/reference (read in place, never copied)."""
+"""Shared test helpers. Ground truth made by running the authors' code lives in tests/reference (see its README)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "reference"
 
 
 def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and JSON sidecar of a reference fixture (``bra_layer``, ``biformer_micro``, ...)."""
     tensors_path, meta_path = REFERENCE / f"{name}.safetensors", REFERENCE / f"{name}.json"
     if not tensors_path.is_file():
-        pytest.fail(f"reference fixture missing: {tensors_path} (shared/ must sit beside the project)")
+        pytest.fail(f"reference fixture missing: {tensors_path} (see tests/reference/README.md)")
     return load_file(str(tensors_path)), json.loads(meta_path.read_text())
 
 
