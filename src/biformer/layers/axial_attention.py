@@ -21,7 +21,7 @@ class AxialStripeAttention(ProjectedAttention):
     ``stripe_width * H`` (vertical heads).
 
     Args:
-        dim, num_heads, qk_dim, qk_scale, side_dwconv: as :class:`~biformer.layers.ProjectedAttention`;
+        dim: channels; num_heads, qk_dim, qk_scale, side_dwconv as in :class:`~biformer.layers.ProjectedAttention`;
             ``num_heads`` must be even (the first half horizontal, the second half vertical).
         stripe_width: stripe width in tokens (>= 1).
 

@@ -41,7 +41,7 @@ class DeformableAttention(ProjectedAttention):
     plus the offset network on ``points ** 2`` positions.
 
     Args:
-        dim, num_heads, qk_dim, qk_scale, side_dwconv: as :class:`~biformer.layers.ProjectedAttention`.
+        dim: channels; num_heads, qk_dim, qk_scale, side_dwconv as in :class:`~biformer.layers.ProjectedAttention`.
         points: sampling points per side (>= 1).
         offset_groups: groups of heads with their own offsets (must divide ``num_heads``).
         offset_range: largest offset, in lattice steps (> 0).

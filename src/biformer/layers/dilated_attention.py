@@ -43,7 +43,7 @@ class DilatedAttention(ProjectedAttention):
     Cost per query: at most ``grid ** 2`` keys.
 
     Args:
-        dim, num_heads, qk_dim, qk_scale, side_dwconv: as :class:`~biformer.layers.ProjectedAttention`.
+        dim: channels; num_heads, qk_dim, qk_scale, side_dwconv as in :class:`~biformer.layers.ProjectedAttention`.
         grid: lattice points per side (>= 1).
 
     Shapes: (N, H, W, dim) -> (N, H, W, dim).

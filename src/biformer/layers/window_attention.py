@@ -41,7 +41,7 @@ class WindowAttention(ProjectedAttention):
     Cost per query: at most ``window ** 2`` keys.
 
     Args:
-        dim, num_heads, qk_dim, qk_scale, side_dwconv: as :class:`~biformer.layers.ProjectedAttention`.
+        dim: channels; num_heads, qk_dim, qk_scale, side_dwconv as in :class:`~biformer.layers.ProjectedAttention`.
         window: window side in tokens (>= 1).
         shift: displacement of the window grid in tokens, ``0 <= shift < window`` (Swin uses ``window // 2``
             in every second block).

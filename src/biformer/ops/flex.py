@@ -42,7 +42,8 @@ def routing_block_mask(topk_index: torch.Tensor, q_len: int, kv_len: int) -> Blo
 
     Args:
         topk_index: int64 (N, R, topk).
-        q_len, kv_len: tokens per query region and per key region (the block sizes).
+        q_len: tokens per query region (the query block size).
+        kv_len: tokens per key region (the key block size).
 
     Returns:
         BlockMask over (N, 1 (broadcast over heads), R * q_len, R * kv_len); its ``mask_mod`` computes

@@ -15,7 +15,8 @@ def pad_bottom_right(x: torch.Tensor, multiple_h: int, multiple_w: int) -> tuple
 
     Args:
         x: (N, H, W, C).
-        multiple_h, multiple_w: the multiples to reach.
+        multiple_h: the multiple to reach for H.
+        multiple_w: the multiple to reach for W.
 
     Returns:
         the padded map (N, H + pad_h, W + pad_w, C), pad_h, pad_w.

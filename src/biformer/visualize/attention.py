@@ -75,7 +75,8 @@ def token_attention(
         layer: the BRA layer (``BiLevelRoutingAttention`` or ``BiLevelRoutingAttentionNCHW``).
         x: the layer's input, NHWC (N, H, W, C) or NCHW (N, C, H, W) as the layer takes it.
         topk_index: int64 (N, regions, topk), the routing the layer used on ``x`` (``record_routing``).
-        row, col: the query token in the unpadded H x W map.
+        row: the query token's row in the unpadded H x W map.
+        col: the query token's column.
         batch_index: which image of the batch.
     """
     map_h, map_w = (x.shape[2], x.shape[3]) if isinstance(layer, BiLevelRoutingAttentionNCHW) else x.shape[1:3]

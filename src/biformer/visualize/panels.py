@@ -163,7 +163,7 @@ def explain_routing(
             see :func:`prepare_image`.
 
     Returns:
-        panels[point_index][layer_index].
+        ``panels[point_index][layer_index]``.
 
     Raises:
         ValueError: a point outside the image, an unknown layer name, a model without BRA layers.
