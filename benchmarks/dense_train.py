@@ -1,12 +1,12 @@
 """Train a BiFormer detector or segmentor on the built-in Fashion-MNIST scenes for a fixed CPU time budget.
 
 A plain loop (timm's AdamW, linear warm-up then cosine decay over the time budget, one evaluation at the
-end) that measures what the README's "Detection and segmentation" figures state:
+end) that measures what the "Detection and segmentation" figures of benchmarks/RESULTS.md state:
 
     python benchmarks/dense_train.py --task segmentation --architecture semantic_fpn --head-channels 64 --lr 2e-3
     python benchmarks/dense_train.py --task detection --architecture maskrcnn
 
-(the README lists every run with its exact command and the machine's load). One thread per run by default:
+(benchmarks/RESULTS.md lists every run with its exact command and the machine's load). One thread per run by default:
 on the shared 2-core machine the 1-thread shallow runs made 6-10x more steps than the earlier 2-thread micro
 runs (smaller model, one thread and less load from other jobs together; their shares were not separated).
 

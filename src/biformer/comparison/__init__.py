@@ -45,7 +45,7 @@ class ComparisonError(ValueError):
 
 @dataclass
 class CompareOptions:
-    """What :func:`run_comparison` measures; the defaults are the README's measured comparison."""
+    """What :func:`run_comparison` measures; the defaults are the measured comparison of docs/comparison.md."""
 
     output: str
     attn_types: list[str] = field(default_factory=lambda: list(_attention_types()))

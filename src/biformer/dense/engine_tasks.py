@@ -24,7 +24,7 @@ Options (TrainConfig fields) and what they mean here:
   auxiliary FCN head (on by default).
 - Classification-only options (augmentation, mixup, label smoothing, ``crop_pct`` ...) are not used.
 
-The tasks' :attr:`defaults` replace the classification quick start's values (listed in the README).
+The tasks' :attr:`defaults` replace the classification quick start's values (listed in docs/dense.md).
 """
 
 from __future__ import annotations

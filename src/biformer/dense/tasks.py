@@ -69,7 +69,7 @@ def cpu_model_options(
     task: str, architecture: str, head_channels: int | None = None, backbone_options: Mapping | None = None,
     auxiliary_head: bool = False,
 ) -> dict[str, Any]:
-    """Builder arguments of the small CPU recipe measured in the README (narrow heads, few sampled RoIs: on
+    """Builder arguments of the small CPU recipe measured in benchmarks/RESULTS.md (narrow heads, few sampled RoIs: on
     CPU the heads' convolutions and RoIAlign dominate a step).
 
     Segmentation: head width ``head_channels`` (default 64; Semantic FPN: FPN and branches, UperNet: every

@@ -35,12 +35,12 @@ def _option(default: Any, help_text: str) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on. See the README section "Training, evaluation, prediction"."""
+    """Everything a training run depends on. See docs/training.md."""
 
     # --- what to train ------------------------------------------------------------------------
     task: str = _option(
         "classification", "what to train: classification, segmentation or detection (the Task registered under this "
-        "name; segmentation and detection have their own defaults, see the README)"
+        "name; segmentation and detection have their own defaults, see docs/dense.md)"
     )
     model: str = _option("biformer_nano", "timm model name (biformer_nano, biformer_tiny, ...)")
     model_kwargs: dict = _option(
@@ -123,7 +123,7 @@ class TrainConfig:
     seed: int = _option(0, "random seed (data order, augmentation, initialisation)")
     device: str | None = _option(None, "cpu, cuda, cuda:1 ... (None: cuda when available)")
     threads: int | None = _option(
-        1, "torch CPU threads per process (None: torch's default, one per core; see the README on shared machines)"
+        1, "torch CPU threads per process (None: torch's default, one per core; docs/training.md: shared machines)"
     )
     output: str = _option("runs", "folder holding the run folders")
     name: str | None = _option(None, "run folder name (None: DATASET-MODEL-TIMESTAMP)")
