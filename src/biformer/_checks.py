@@ -3,6 +3,26 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
+
+
+def is_tracing(x: object = None) -> bool:
+    """Whether the model is being traced or compiled rather than run: input checks are skipped then.
+
+    True for a ``torch.fx`` symbolic trace (``x`` is a ``Proxy``), ``torch.jit.trace``, ``torch.compile`` /
+    ``torch.export`` (and the ONNX exporters built on them) and the legacy ONNX exporter. The traced graph then
+    holds no check; the eager call keeps its clear error.
+    """
+    if isinstance(x, torch.fx.Proxy):
+        return True
+    if torch.jit.is_scripting():
+        return False
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 def check_feature_map(x: object, *, name: str, layout: str, channels: int) -> None:
@@ -13,7 +33,11 @@ def check_feature_map(x: object, *, name: str, layout: str, channels: int) -> No
         name: what the caller calls it, used in the message (e.g. ``"BiLevelRoutingAttention input"``).
         layout: ``"NHWC"`` or ``"NCHW"``.
         channels: the channel count the layer was built for.
+
+    Skipped while tracing or compiling (:func:`is_tracing`).
     """
+    if is_tracing(x):
+        return
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor in {layout} layout, got {type(x).__name__}")
     if x.dim() != 4:

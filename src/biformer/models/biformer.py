@@ -215,6 +215,10 @@ class BiFormer(PyramidClassifier):
     multiples of ``n_win`` (224 px with n_win 7). The named variants use ``auto_pad=True``, which changes
     nothing for sizes where no padding is needed.
 
+    timm options: ``global_pool`` (timm's pooling types, ``""`` for none; see
+    :meth:`~biformer.models._pyramid.PyramidClassifier.reset_classifier`), ``device`` and ``dtype`` (where and
+    in which floating-point type the parameters are made, as timm >= 1.0.21 models take them).
+
     Shapes: (N, in_chans, H, W) -> logits (N, num_classes).
     """
 
@@ -256,6 +260,9 @@ class BiFormer(PyramidClassifier):
         region_sizes: list[int | None] | tuple[int | None, ...] | None = None,
         attn_type: str | list[str] | tuple[str, ...] | None = None,
         attn_kwargs: dict | list[dict | None] | tuple[dict | None, ...] | None = None,
+        global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         del kv_per_wins, kv_downsample_kernels, kv_downsample_ratios, pe_stages  # unused in identity mode / pe=None
@@ -281,7 +288,6 @@ class BiFormer(PyramidClassifier):
         self.in_chans = check_positive_int(in_chans, name="in_chans")
         head_dim = check_positive_int(head_dim, name="head_dim")
         self.embed_dim = embed_dim
-        self.num_classes = num_classes
 
         stem = nn.Sequential(
             nn.Conv2d(in_chans, embed_dim[0] // 2, kernel_size=3, stride=2, padding=1),
@@ -319,10 +325,10 @@ class BiFormer(PyramidClassifier):
             self.stages.append(stage)
 
         self.norm = nn.BatchNorm2d(embed_dim[-1])
-        self.head_drop = nn.Dropout(drop_rate)
         self._init_feature_info()
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(num_classes, global_pool, drop_rate)
         self.apply(_init_weights)
+        self._place(device, dtype)
 
 
 def _init_weights(module: nn.Module) -> None:

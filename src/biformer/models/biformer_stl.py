@@ -119,6 +119,9 @@ class _STLBase(PyramidClassifier):
         side_dwconv: int = 5,
         auto_pad: bool = False,
         backend: str | None = None,
+        global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         depth = check_stage_list(depth, "depth")
@@ -130,7 +133,6 @@ class _STLBase(PyramidClassifier):
         self.in_chans = check_positive_int(in_chans, name="in_chans")
         head_dim = check_positive_int(head_dim, name="head_dim")
         self.embed_dim = embed_dim
-        self.num_classes = num_classes
 
         self.downsample_layers = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(in_chans, embed_dim[0], kernel_size=4, stride=4), norm(embed_dim[0]))]
@@ -154,10 +156,10 @@ class _STLBase(PyramidClassifier):
             stage.grad_checkpointing = i in use_checkpoint_stages
             self.stages.append(stage)
         self.norm = resolve_norm_layer(pre_head_norm_layer or norm)(embed_dim[-1])
-        self.head_drop = nn.Dropout(drop_rate)
         self._init_feature_info()
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(num_classes, global_pool, drop_rate)
         self.apply(_init_weights)
+        self._place(device, dtype)
 
     def _make_block(self, dim: int, **kwargs: object) -> nn.Module:
         raise NotImplementedError
