@@ -46,7 +46,9 @@ def test_round_trip_rebuilds_a_custom_model(custom, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "biformer_tiny" and config["num_classes"] == 10
-    assert {key: config["model_args"][key] for key in CUSTOM} == CUSTOM
+    architecture = {key: value for key, value in CUSTOM.items() if key != "num_classes"}
+    assert {key: config["model_args"][key] for key in architecture} == architecture
+    assert "num_classes" not in config["model_args"]  # only at the top: transformers passes its own
     assert "drop_path_rate" not in config["model_args"]  # training-only
     assert config["label_names"][3] == "class 3"
     for loaded in (load_pretrained(folder), timm.create_model(f"local-dir:{folder}", pretrained=True)):
@@ -176,3 +178,14 @@ def test_torch_hub_entry_points(saved, custom):
         torch.hub.load(str(REPO), "biformer_tiny", source="local", pretrained=True)
     with pytest.raises(ValueError, match="holds a 'biformer_tiny'"):
         torch.hub.load(str(REPO), "biformer_stl", source="local", weights=saved)
+
+
+def test_biformer_nano_is_a_full_member(tmp_path):
+    """biformer_nano (no released weights) is in the names list, saves as a Hub folder and has a torch.hub entry."""
+    assert "biformer_nano" in biformer.MODEL_NAMES and "biformer_nano" not in biformer.RELEASED_MODEL_NAMES
+    model = perturbed(timm.create_model("biformer_nano", num_classes=4, n_win=2, topks=[2, 2, 4, -2]))
+    folder = save_pretrained(model, tmp_path / "nano")
+    same_outputs(model, load_pretrained(folder))
+    same_outputs(model, torch.hub.load(str(REPO), "biformer_nano", source="local", weights=folder))
+    with pytest.raises(ValueError, match="pretrained: biformer_nano has no released weights; pass weights=PATH"):
+        torch.hub.load(str(REPO), "biformer_nano", source="local", pretrained=True)

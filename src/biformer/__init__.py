@@ -1,7 +1,8 @@
 """biformer: Bi-Level Routing Attention and the BiFormer models (CVPR 2023), timm-native.
 
-``import biformer`` registers ``biformer_tiny``, ``biformer_small``, ``biformer_base``, ``biformer_stl`` and
-``biformer_stl_nchw`` with ``timm.create_model``.
+``import biformer`` registers ``biformer_tiny``, ``biformer_small``, ``biformer_base``, ``biformer_stl``,
+``biformer_stl_nchw`` (the authors' released models) and ``biformer_nano`` (a small one for quick experiments)
+with ``timm.create_model`` (:data:`MODEL_NAMES`; :data:`RELEASED_MODEL_NAMES` are the released ones).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,7 +14,7 @@ from .layers import (
     BiLevelRoutingAttention,
     BiLevelRoutingAttentionNCHW,
 )
-from .models import MODEL_NAMES, BiFormer, BiFormerSTL, BiFormerSTLNCHW
+from .models import MODEL_NAMES, RELEASED_MODEL_NAMES, BiFormer, BiFormerSTL, BiFormerSTLNCHW
 from .ops import attention_backend, available_backends
 from .routing import record_routing
 
@@ -24,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 __all__ = [
     "MODEL_NAMES",
+    "RELEASED_MODEL_NAMES",
     "AttentionLePE",
     "AttentionLePENCHW",
     "BiFormer",

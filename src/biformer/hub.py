@@ -19,7 +19,7 @@ from timm.layers import DropPath
 from timm.models._hub import save_config_for_hf
 
 from .checkpoint import read_state_dict, save_weights
-from .models import MODEL_NAMES
+from .models import MODEL_NAMES, RELEASED_MODEL_NAMES
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "hub_entry_point", "load_model", "load_pretrained", "save_pretrained"]
 
@@ -46,6 +46,9 @@ def _architecture_of(model: nn.Module, architecture: str | None, model_args: Map
     for key in [key for key in args if key.endswith("drop_rate") or key == "drop_path_rate"]:
         del args[key]  # training-only, as timm's own export leaves them out
     args["num_classes"] = model.num_classes
+    pool = getattr(getattr(model, "global_pool", None), "pool_type", None)
+    if isinstance(pool, str):
+        args["global_pool"] = pool  # reset_classifier(n, pool) may have changed it after construction
     return architecture, args
 
 
@@ -121,9 +124,20 @@ def save_pretrained(
     model_config = {"label_names": list(label_names)} if label_names else None
     temporary = directory / (CONFIG_NAME + ".tmp")
     save_config_for_hf(described, temporary, model_config=model_config, model_args=args)
+    _drop_head_size_from_model_args(temporary)
     save_weights(model, directory / WEIGHTS_NAME)
     os.replace(temporary, directory / CONFIG_NAME)  # the config last: a folder with a config is complete
     return directory
+
+
+def _drop_head_size_from_model_args(config_path: Path) -> None:
+    """Keep ``num_classes`` only at the top of ``config.json``: Hugging Face transformers' timm wrapper passes
+    ``model_args`` to ``timm.create_model`` together with its own ``num_classes`` (a duplicate raises ``TypeError``),
+    and timm takes the head size from the top-level value when ``model_args`` lacks it."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("model_args"), dict) and "num_classes" in config["model_args"]:
+        del config["model_args"]["num_classes"]
+        config_path.write_text(json.dumps(config, indent=2))
 
 
 def _read_config(directory: Path) -> dict:
@@ -225,6 +239,11 @@ def hub_entry_point(name: str) -> Callable[..., nn.Module]:
     def entry_point(pretrained: bool = False, weights: str | os.PathLike | None = None, **kwargs: object) -> nn.Module:
         if weights is not None:
             return load_model(name, weights, **kwargs)
+        if pretrained and name not in RELEASED_MODEL_NAMES:
+            raise ValueError(
+                f"pretrained: {name} has no released weights; pass weights=PATH (a .pth or .safetensors file "
+                f"or a Hub-layout folder)"
+            )
         if pretrained:
             raise ValueError(
                 f"pretrained: the authors' download links for {name} are broken, so nothing can be downloaded; "
@@ -236,6 +255,7 @@ def hub_entry_point(name: str) -> Callable[..., nn.Module]:
     entry_point.__doc__ = (
         f"{name} (random weights), or with ``weights=PATH``: the authors' .pth file, a .safetensors file or a\n"
         f"folder in the Hugging Face Hub layout. Other keyword arguments go to timm.create_model\n"
-        f"(num_classes=..., drop_path_rate=...). pretrained=True alone raises: the authors' links are broken."
+        f"(num_classes=..., drop_path_rate=...). pretrained=True alone raises: the authors' links are broken\n"
+        f"(and biformer_nano has no released weights)."
     )
     return entry_point

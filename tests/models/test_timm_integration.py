@@ -22,7 +22,7 @@ def test_pretrained_cfg_preprocessing(tiny):
     assert cfg["interpolation"] == "bicubic"
     assert cfg["crop_pct"] == 0.875
     assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["std"] == timm.data.IMAGENET_DEFAULT_STD
-    for name in biformer.MODEL_NAMES:
+    for name in biformer.RELEASED_MODEL_NAMES:
         assert timm.models.get_pretrained_cfg(name).url.startswith("https://")
 
 

@@ -22,6 +22,9 @@ from .biformer import _cfg, _init_weights, checkpoint_filter_fn
 
 __all__ = ["BiFormerSTL", "BiFormerSTLNCHW"]
 
+# Kernel of the last stage's LePE in BiFormerSTLNCHW (the authors' nchwAttentionLePE default, never overridden).
+LAST_STAGE_LEPE_KERNEL = 5
+
 _NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {"BatchNorm2d": nn.BatchNorm2d, "LayerNorm2d": LayerNorm2d}
 
 
@@ -95,7 +98,11 @@ class STLStage(nn.Module):
 
 
 class _STLBase(PyramidClassifier):
-    """Shared constructor of the two Swin-layout models."""
+    """Shared constructor of the two Swin-layout models.
+
+    ``qk_scale`` is kept in the signature (the authors' constructors take it) but, as in their code, has no
+    use: only None is accepted; any other value is refused in one line rather than silently ignored.
+    """
 
     channels_last: bool
     min_input_size = 32  # the 4x4 patchify stem and three 2x2 mergings need at least 32 px
@@ -124,6 +131,12 @@ class _STLBase(PyramidClassifier):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if qk_scale is not None:
+            # The authors' BiFormerSTL / nchwBiFormerSTL take qk_scale but never pass it to their layers.
+            raise ValueError(
+                f"qk_scale: the Swin-layout models do not use it (the authors' layers keep their default scale); "
+                f"expected None, got {qk_scale!r}"
+            )
         depth = check_stage_list(depth, "depth")
         embed_dim = check_stage_list(embed_dim, "embed_dim")
         mlp_ratios = check_stage_list(mlp_ratios, "mlp_ratios")
@@ -147,7 +160,7 @@ class _STLBase(PyramidClassifier):
             blocks = [
                 self._make_block(
                     embed_dim[i], num_heads=embed_dim[i] // head_dim, n_win=n_wins[i], topk=topks[i],
-                    qk_scale=qk_scale, side_dwconv=side_dwconv, mlp_ratio=mlp_ratios[i], drop_path=rates[i][j],
+                    side_dwconv=side_dwconv, mlp_ratio=mlp_ratios[i], drop_path=rates[i][j],
                     auto_pad=auto_pad, backend=backend,
                 )
                 for j in range(depth[i])
@@ -177,12 +190,12 @@ class BiFormerSTL(_STLBase):
     channels_last_memory = True  # NHWC stages: their permutes become free views
 
     def _make_block(
-        self, dim: int, *, num_heads: int, n_win: int, topk: int, qk_scale: float | None, side_dwconv: int,
+        self, dim: int, *, num_heads: int, n_win: int, topk: int, side_dwconv: int,
         mlp_ratio: float, drop_path: float, auto_pad: bool, backend: str | None,
     ) -> nn.Module:
         if topk > 0:
             attn = BiLevelRoutingAttention(
-                dim, num_heads=num_heads, n_win=n_win, qk_scale=qk_scale, topk=topk, side_dwconv=side_dwconv,
+                dim, num_heads=num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv,
                 auto_pad=auto_pad, backend=backend,
             )
         elif topk in (-1, -2):
@@ -196,22 +209,24 @@ class BiFormerSTLNCHW(_STLBase):
     """Swin-T layout, all NCHW, with the refactored BRA (reference ``nchwBiFormerSTL``).
 
     ``topks``: > 0 BRA; -1 (or -2) attention with LePE on V (8 heads). Any input size >= 32 px works.
+    ``side_dwconv`` sets the BRA stages' local-context kernel only: the plain-attention stage's LePE is always
+    5x5, as in the authors' code (so their weights load whatever ``side_dwconv`` is).
     Shapes: (N, in_chans, H, W) -> (N, num_classes).
     """
 
     channels_last = False
 
     def _make_block(
-        self, dim: int, *, num_heads: int, n_win: int, topk: int, qk_scale: float | None, side_dwconv: int,
+        self, dim: int, *, num_heads: int, n_win: int, topk: int, side_dwconv: int,
         mlp_ratio: float, drop_path: float, auto_pad: bool, backend: str | None,
     ) -> nn.Module:
         if topk > 0:
             attn = BiLevelRoutingAttentionNCHW(
-                dim, num_heads=num_heads, n_win=n_win, qk_scale=qk_scale, topk=topk, side_dwconv=side_dwconv,
-                backend=backend,
+                dim, num_heads=num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv, backend=backend,
             )
         elif topk in (-1, -2):
-            attn = AttentionLePENCHW(dim, num_heads=8, side_dwconv=side_dwconv)
+            # The authors' nchwAttentionLePE is always built with its default 5x5 LePE, whatever side_dwconv says.
+            attn = AttentionLePENCHW(dim, num_heads=8, side_dwconv=LAST_STAGE_LEPE_KERNEL)
         else:
             raise NotImplementedError(f"topks value {topk} is not implemented (use > 0 or -1)")
         return STLBlockNCHW(dim, attn, mlp_ratio, drop_path)
