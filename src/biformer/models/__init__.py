@@ -8,4 +8,7 @@ RELEASED_MODEL_NAMES = ("biformer_tiny", "biformer_small", "biformer_base", "bif
 # every registered model: the released ones and biformer_nano (ours, for quick experiments; no released weights)
 MODEL_NAMES = (*RELEASED_MODEL_NAMES, "biformer_nano")
 
-__all__ = ["MODEL_NAMES", "RELEASED_MODEL_NAMES", "BiFormer", "BiFormerSTL", "BiFormerSTLNCHW", "Block", "checkpoint_filter_fn"]
+__all__ = [
+    "MODEL_NAMES", "RELEASED_MODEL_NAMES", "BiFormer", "BiFormerSTL", "BiFormerSTLNCHW", "Block",
+    "checkpoint_filter_fn",
+]
