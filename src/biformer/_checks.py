@@ -17,10 +17,11 @@ def is_tracing(x: object = None) -> bool:
         return True
     if torch.jit.is_scripting():
         return False
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5; torch.export also compiles
     return (
         torch.jit.is_tracing()
         or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
+        or (is_exporting is not None and is_exporting())
         or torch.onnx.is_in_onnx_export()
     )
 

@@ -3,6 +3,7 @@ segmentation_models_pytorch builds its timm-universal encoders (``tu-biformer_*`
 
 from __future__ import annotations
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import timm
@@ -21,6 +22,7 @@ LABELS = ["cat", "dog", "bird"]
 def folder(tmp_path, monkeypatch):
     """A saved biformer_nano with three named classes and non-default weights, loaded with the Hub offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
     torch.manual_seed(0)
     model = timm.create_model("biformer_nano", num_classes=3, n_win=2, topks=[2, 2, 4, -2]).eval()
     with torch.no_grad():

@@ -114,7 +114,7 @@ class PyramidFeatureDictNet(FeatureDictNet):
     """``features_only=True, feature_cls="dict"``: timm's :class:`~timm.models.FeatureDictNet` over the network
     laid out as one chain ``downsample_layers_0, stages_0, downsample_layers_1, ...`` (the model itself keeps the
     authors' ``downsample_layers.i`` / ``stages.i`` names). Returns an ``OrderedDict`` of NCHW stage maps keyed
-    by ``out_map`` (default: the stage index as a string)."""
+    by the stage index as a string (or by ``out_map``)."""
 
     def __init__(self, model: nn.Module, out_indices: tuple[int, ...] = (0, 1, 2, 3), **kwargs: Any) -> None:
         chain = nn.Module()
