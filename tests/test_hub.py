@@ -189,3 +189,14 @@ def test_biformer_nano_is_a_full_member(tmp_path):
     same_outputs(model, torch.hub.load(str(REPO), "biformer_nano", source="local", weights=folder))
     with pytest.raises(ValueError, match="pretrained: biformer_nano has no released weights; pass weights=PATH"):
         torch.hub.load(str(REPO), "biformer_nano", source="local", pretrained=True)
+
+
+def test_pooling_changed_after_construction_is_saved(tmp_path):
+    """reset_classifier(n, "catavgmax") doubles the head's input: the folder records the pooling and rebuilds it."""
+    model = perturbed(timm.create_model("biformer_nano", num_classes=4, n_win=2, topks=[2, 2, 4, -2]))
+    model.reset_classifier(4, "catavgmax")
+    folder = save_pretrained(model, tmp_path / "pooled")
+    assert json.loads((folder / "config.json").read_text())["model_args"]["global_pool"] == "catavgmax"
+    loaded = load_pretrained(folder)
+    assert loaded.global_pool.pool_type == "catavgmax" and loaded.head.in_features == 2 * loaded.num_features
+    same_outputs(model, loaded)
