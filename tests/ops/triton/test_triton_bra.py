@@ -1,0 +1,148 @@
+"""The fused ``triton`` backend in Triton's CPU interpreter, against the float64 reference formulation.
+
+Forward and every gradient are compared per dtype (fp32 1e-4, fp16 1e-2, bf16 5e-2, absolute and
+relative) with the ``reference`` backend (the authors' gather formulation) run in float64 on the same
+rounded inputs. Grids stay small: the interpreter runs each program instance in Python.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biformer import BiLevelRoutingAttention
+from biformer.ops import routed_attention_heads
+from biformer.ops import triton_bra
+from biformer.ops.triton_bra import transposed_routing, triton_available
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+CASES = {
+    # heads, batch, regions, q_len, kv_len, d_qk, d_v, topk
+    "d16": (2, 1, 4, 4, 4, 16, 16, 2),
+    "odd-region-topk-all-d32": (1, 2, 9, 5, 5, 32, 32, 9),
+    "topk1-d64": (1, 1, 4, 9, 9, 64, 64, 1),
+    "several-tiles-odd-dims": (1, 1, 4, 70, 70, 24, 20, 2),  # 70 tokens: two query tiles; d_qk != d_v
+}
+
+
+def random_routing(batch, regions, topk, generator=None):
+    return torch.stack([torch.randperm(regions, generator=generator)[:topk] for _ in range(batch * regions)]).view(
+        batch, regions, topk
+    )
+
+
+def make_inputs(case, dtype):
+    heads, batch, regions, q_len, kv_len, d_qk, d_v, topk = case
+    query = torch.randn(heads, batch, regions, q_len, d_qk).to(dtype)
+    key = torch.randn(heads, batch, regions, kv_len, d_qk).to(dtype)
+    value = torch.randn(heads, batch, regions, kv_len, d_v).to(dtype)
+    return query, key, value, random_routing(batch, regions, topk)
+
+
+def forward_backward(query, key, value, topk_index, grad_out, backend, scale=0.25):
+    leaves = [t.detach().clone().requires_grad_() for t in (query, key, value)]
+    out = routed_attention_heads(*leaves, topk_index, scale=scale, backend=backend)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), grads
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_forward_and_gradients_match_float64_reference(case, dtype):
+    query, key, value, topk_index = make_inputs(case, dtype)
+    heads, batch, regions, q_len, _, _, d_v, _ = case
+    grad_out = torch.randn(heads, batch, regions, q_len, d_v).to(dtype)
+    out, grads = forward_backward(query, key, value, topk_index, grad_out, "triton")
+    expected, expected_grads = forward_backward(
+        query.double(), key.double(), value.double(), topk_index, grad_out.double(), "reference"
+    )
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol, msg=lambda m: f"output: {m}")
+    for name, grad, want in zip(("query", "key", "value"), grads, expected_grads):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), want, atol=tol, rtol=tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@needs_triton
+def test_backward_is_bit_identical_across_runs():
+    # every query region routes to regions 0 and 1: their dK/dV sum many contributions
+    query, key, value, _ = make_inputs((2, 2, 4, 6, 6, 16, 16, 2), torch.float32)
+    topk_index = torch.tensor([[[0, 1], [1, 0], [0, 1], [1, 0]]] * 2)
+    grad_out = torch.randn(2, 2, 4, 6, 16)
+    first = forward_backward(query, key, value, topk_index, grad_out, "triton")[1]
+    second = forward_backward(query, key, value, topk_index, grad_out, "triton")[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert first[1][:, :, 2:].abs().sum() == 0  # unrouted key regions get no gradient
+
+
+@needs_triton
+def test_bra_layer_with_triton_matches_reference_backend():
+    torch.manual_seed(0)
+    layer = BiLevelRoutingAttention(32, num_heads=2, n_win=2, topk=2, side_dwconv=3)
+    x = torch.randn(1, 6, 6, 32)  # regions of 3 x 3 tokens; q, k, v are strided views of one tensor
+    outs, grads = [], []
+    for backend in ("triton", "reference"):
+        layer.backend = backend
+        layer.zero_grad()
+        x_leaf = x.clone().requires_grad_()
+        out = layer(x_leaf)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append((x_leaf.grad, layer.qkv.qkv.weight.grad.clone()))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_transposed_routing_lists_the_query_regions_of_every_key_region():
+    topk_index = torch.tensor([[[2, 0], [2, 1], [0, 2]], [[1, 1], [0, 2], [2, 0]]])  # (N=2, R=3, topk=2)
+    offsets, sources = transposed_routing(topk_index)
+    for n in range(2):
+        for s in range(3):
+            g = n * 3 + s
+            listed = sources[offsets[g] : offsets[g + 1]].tolist()
+            expected = [r for r in range(3) for t in range(2) if topk_index[n, r, t] == s]
+            assert listed == expected, (n, s)
+
+
+@needs_triton
+def test_without_interpreter_on_cpu_the_fallback_computes(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    query, key, value, topk_index = make_inputs(CASES["d16"], torch.float32)
+
+    def kernels_must_not_run(*args):
+        raise AssertionError("the kernels ran on CPU without TRITON_INTERPRET")
+
+    monkeypatch.setattr(triton_bra.FusedRoutedAttention, "apply", kernels_must_not_run)
+    out = routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="triton")
+    expected = routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="gather")
+    assert torch.equal(out, expected)
+
+
+@needs_triton
+def test_float64_falls_back_to_gather(monkeypatch):
+    query, key, value, topk_index = make_inputs(CASES["d16"], torch.float64)
+    monkeypatch.setattr(triton_bra.FusedRoutedAttention, "apply", None)  # would fail if called
+    out = routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="triton")
+    expected = routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="gather")
+    assert torch.equal(out, expected)
+
+
+def test_triton_backend_without_triton_names_the_package(monkeypatch):
+    monkeypatch.setattr(triton_bra, "triton_available", lambda: False)
+    query, key, value, topk_index = make_inputs(CASES["d16"], torch.float32)
+    with pytest.raises(ImportError, match=r"^backend='triton' needs the 'triton' package.*pip install triton$"):
+        routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="triton")
+
+
+@needs_triton
+def test_triton_backend_refuses_head_sizes_above_its_limit():
+    query, key, value, topk_index = make_inputs((1, 1, 4, 2, 2, 8, 300, 1), torch.float32)
+    with pytest.raises(ValueError, match=r"^value: the triton backend supports head sizes up to 256, got 300$"):
+        routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="triton")
