@@ -28,7 +28,7 @@ import triton.language as tl
 
 
 def routed_attention_forward(
-    Q, K, V, IDX, O, LSE,  # noqa: ANN001, N803
+    Q, K, V, IDX, OUT, LSE,  # noqa: ANN001, N803
     sq_b, sq_r, sq_l, sq_d,  # noqa: ANN001
     sk_b, sk_r, sk_l, sk_d,  # noqa: ANN001
     sv_b, sv_r, sv_l, sv_d,  # noqa: ANN001
@@ -87,8 +87,8 @@ def routed_attention_forward(
 
     out = acc / l_i[:, None]
     tl.store(
-        O + b * so_b + r * so_r + offs_q[:, None] * so_l + offs_dv[None, :] * so_d,
-        out.to(O.dtype.element_ty), mask=q_valid[:, None] & dv_valid[None, :],
+        OUT + b * so_b + r * so_r + offs_q[:, None] * so_l + offs_dv[None, :] * so_d,
+        out.to(OUT.dtype.element_ty), mask=q_valid[:, None] & dv_valid[None, :],
     )
     tl.store(LSE + (b * regions + r) * q_len + offs_q, m_i + tl.log(l_i), mask=q_valid)
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from biformer import BiLevelRoutingAttention
-from biformer.ops import routed_attention_heads
-from biformer.ops import triton_bra
+from biformer.ops import routed_attention_heads, triton_bra
 from biformer.ops.triton_bra import transposed_routing, triton_available
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
