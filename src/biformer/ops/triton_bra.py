@@ -9,7 +9,7 @@ values by index straight from the head-major K/V, so nothing is gathered:
   an online softmax, writes the output (heads, N, R, L_q, d_v) and the log-sum-exp of every query row;
 - backward, without atomics: dQ per query region as in the forward; dK and dV per key region, summed
   over the query regions that routed to it, found through the transposed routing (a CSR list built with
-  ``torch.argsort`` / ``torch.bincount``, as FlexAttention's BlockMask keeps its transposed blocks).
+  a stable ``torch.sort`` and ``torch.searchsorted``, as FlexAttention's BlockMask keeps its transposed blocks).
   Every output tile has exactly one writer and sums in a fixed order: the backward is deterministic.
 
 Supported: float32 (IEEE products, or TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set),
@@ -123,10 +123,10 @@ def transposed_routing(topk_index: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     batch, regions, topk = topk_index.shape
     image = torch.arange(batch, device=topk_index.device).view(batch, 1, 1)
     targets = (topk_index + image * regions).reshape(-1)  # key region row of every (n, r, t) entry
-    order = torch.argsort(targets, stable=True)
-    counts = torch.bincount(targets, minlength=batch * regions)
-    offsets = torch.zeros(batch * regions + 1, dtype=torch.int64, device=topk_index.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    sorted_targets, order = torch.sort(targets, stable=True)
+    # offsets[g] = entries routed to regions before g (searchsorted: no atomics, deterministic on every device)
+    rows = torch.arange(batch * regions + 1, device=topk_index.device)
+    offsets = torch.searchsorted(sorted_targets, rows)
     sources = torch.div(order, topk, rounding_mode="floor") % regions
     return offsets, sources
 

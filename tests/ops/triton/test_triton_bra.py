@@ -15,6 +15,8 @@ from biformer.ops import routed_attention_heads, triton_bra
 from biformer.ops.triton_bra import transposed_routing, triton_available
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+# CPU: the interpreter; CUDA (where present): the compiled kernels, same cases and tolerances
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -33,12 +35,12 @@ def random_routing(batch, regions, topk, generator=None):
     )
 
 
-def make_inputs(case, dtype):
+def make_inputs(case, dtype, device="cpu"):
     heads, batch, regions, q_len, kv_len, d_qk, d_v, topk = case
-    query = torch.randn(heads, batch, regions, q_len, d_qk).to(dtype)
-    key = torch.randn(heads, batch, regions, kv_len, d_qk).to(dtype)
-    value = torch.randn(heads, batch, regions, kv_len, d_v).to(dtype)
-    return query, key, value, random_routing(batch, regions, topk)
+    query = torch.randn(heads, batch, regions, q_len, d_qk).to(device, dtype)
+    key = torch.randn(heads, batch, regions, kv_len, d_qk).to(device, dtype)
+    value = torch.randn(heads, batch, regions, kv_len, d_v).to(device, dtype)
+    return query, key, value, random_routing(batch, regions, topk).to(device)
 
 
 def forward_backward(query, key, value, topk_index, grad_out, backend, scale=0.25):
@@ -49,12 +51,13 @@ def forward_backward(query, key, value, topk_index, grad_out, backend, scale=0.2
 
 
 @needs_triton
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_forward_and_gradients_match_float64_reference(case, dtype):
-    query, key, value, topk_index = make_inputs(case, dtype)
+def test_forward_and_gradients_match_float64_reference(case, dtype, device):
+    query, key, value, topk_index = make_inputs(case, dtype, device)
     heads, batch, regions, q_len, _, _, d_v, _ = case
-    grad_out = torch.randn(heads, batch, regions, q_len, d_v).to(dtype)
+    grad_out = torch.randn(heads, batch, regions, q_len, d_v).to(device, dtype)
     out, grads = forward_backward(query, key, value, topk_index, grad_out, "triton")
     expected, expected_grads = forward_backward(
         query.double(), key.double(), value.double(), topk_index, grad_out.double(), "reference"
@@ -68,11 +71,12 @@ def test_forward_and_gradients_match_float64_reference(case, dtype):
 
 
 @needs_triton
-def test_backward_is_bit_identical_across_runs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_bit_identical_across_runs(device):
     # every query region routes to regions 0 and 1: their dK/dV sum many contributions
-    query, key, value, _ = make_inputs((2, 2, 4, 6, 6, 16, 16, 2), torch.float32)
-    topk_index = torch.tensor([[[0, 1], [1, 0], [0, 1], [1, 0]]] * 2)
-    grad_out = torch.randn(2, 2, 4, 6, 16)
+    query, key, value, _ = make_inputs((2, 2, 4, 6, 6, 16, 16, 2), torch.float32, device)
+    topk_index = torch.tensor([[[0, 1], [1, 0], [0, 1], [1, 0]]] * 2, device=device)
+    grad_out = torch.randn(2, 2, 4, 6, 16, device=device)
     first = forward_backward(query, key, value, topk_index, grad_out, "triton")[1]
     second = forward_backward(query, key, value, topk_index, grad_out, "triton")[1]
     for a, b in zip(first, second):
