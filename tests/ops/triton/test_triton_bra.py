@@ -3,6 +3,13 @@
 Forward and every gradient are compared per dtype (fp32 1e-4, fp16 1e-2, bf16 5e-2, absolute and
 relative) with the ``reference`` backend (the authors' gather formulation) run in float64 on the same
 rounded inputs. Grids stay small: the interpreter runs each program instance in Python.
+
+Every test here runs with ``TRITON_INTERPRET=1`` (the autouse fixture below). The ``triton`` backend reads
+the variable at every call rather than relying on triton's import-time setting, so setting it per test
+with ``monkeypatch`` is hermetic: other tests never see it, and it does not matter whether triton was
+imported before (``import torch`` / ``import biformer`` import it). The fixture lives in this module, not in
+a ``conftest.py``: tests elsewhere import helpers with ``from conftest import ...``, which a second
+``conftest`` module would shadow.
 """
 
 from __future__ import annotations
@@ -13,6 +20,12 @@ import torch
 from biformer import BiLevelRoutingAttention
 from biformer.ops import routed_attention_heads, triton_bra
 from biformer.ops.triton_bra import transposed_routing, triton_available
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 # CPU: the interpreter; CUDA (where present): the compiled kernels, same cases and tolerances
