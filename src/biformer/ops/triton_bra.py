@@ -35,7 +35,7 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-MAX_BLOCK = 64  # largest query / key tile
+MAX_BLOCK = 64  # largest query / key tile (head sizes up to 64; halved for 128 and again for 256)
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on GPUs
 
 
@@ -89,9 +89,13 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     )
 
 
-def _block(length: int) -> int:
-    """A power-of-two tile of at least ``MIN_BLOCK`` covering ``length`` up to ``MAX_BLOCK``."""
-    return max(MIN_BLOCK, min(MAX_BLOCK, 1 << max(0, length - 1).bit_length()))
+def _block(length: int, head_block: int) -> int:
+    """A power-of-two tile of at least ``MIN_BLOCK`` covering ``length``, at most ``MAX_BLOCK`` for head
+    tiles up to 64 and smaller for wider heads, so that the backward's shared memory stays about 100 KiB
+    in float32 (compiled for sm_90: 66 KiB at head size 32 with 64 x 64 tiles, 214 KiB at head size 128
+    with 64 x 64 tiles, 103 KiB with 32 x 32)."""
+    largest = max(MIN_BLOCK, MAX_BLOCK * 64 // max(64, head_block))
+    return max(MIN_BLOCK, min(largest, 1 << max(0, length - 1).bit_length()))
 
 
 def _head_block(dim: int) -> int:
@@ -146,14 +150,15 @@ def _forward(
     batch, _, topk = topk_index.shape
     out = query.new_empty(rows, regions, q_len, d_v)
     lse = torch.empty(rows, regions, q_len, dtype=torch.float32, device=query.device)
-    block_q = _block(q_len)
+    head_block = max(_head_block(d_qk), _head_block(d_v))
+    block_q = _block(q_len, head_block)
     grid = (rows, regions, -(-q_len // block_q))
     _kernels(interpret).forward[grid](
         query, key, value, topk_index, out, lse,
         *_strides(query), *_strides(key), *_strides(value), *_strides(out),
         batch, regions, q_len, kv_len, topk, d_qk, d_v, float(scale),
-        BLOCK_Q=block_q, BLOCK_K=_block(topk * kv_len), BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
-        PRECISION=_precision(query.dtype), UPCAST=interpret and query.dtype != torch.float32,
+        BLOCK_Q=block_q, BLOCK_K=_block(topk * kv_len, head_block), BLOCK_DQK=_head_block(d_qk),
+        BLOCK_DV=_head_block(d_v), PRECISION=_precision(query.dtype), UPCAST=interpret and query.dtype != torch.float32,
     )
     return out, lse
 
@@ -174,18 +179,19 @@ def _backward(
     )
     common = (*_strides(query), *_strides(key), *_strides(value), *_strides(grad_out))
     grad_query = None
-    block_q = _block(q_len)
+    head_block = max(_head_block(d_qk), _head_block(d_v))
+    block_q = _block(q_len, head_block)
     if need_query:
         grad_query = torch.empty(rows, regions, q_len, d_qk, dtype=query.dtype, device=query.device)
         kernels.backward_query[(rows, regions, -(-q_len // block_q))](
             query, key, value, topk_index, grad_out, lse, delta, grad_query, *common,
             batch, regions, q_len, kv_len, topk, d_qk, d_v, float(scale),
-            BLOCK_Q=block_q, BLOCK_K=_block(topk * kv_len), **blocks,
+            BLOCK_Q=block_q, BLOCK_K=_block(topk * kv_len, head_block), **blocks,
         )
     offsets, sources = transposed_routing(topk_index)
     grad_key = torch.empty(rows, regions, kv_len, d_qk, dtype=key.dtype, device=key.device)
     grad_value = torch.empty(rows, regions, kv_len, d_v, dtype=value.dtype, device=value.device)
-    block_kv = _block(kv_len)
+    block_kv = _block(kv_len, head_block)
     kernels.backward_key_value[(rows, regions, -(-kv_len // block_kv))](
         query, key, value, grad_out, lse, delta, offsets, sources, grad_key, grad_value, *common,
         batch, regions, q_len, kv_len, d_qk, d_v, float(scale),

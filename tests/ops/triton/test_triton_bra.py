@@ -35,8 +35,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 CASES = {
     # heads, batch, regions, q_len, kv_len, d_qk, d_v, topk
-    "d16": (2, 1, 4, 4, 4, 16, 16, 2),
-    "odd-region-topk-all-d32": (1, 2, 9, 5, 5, 32, 32, 9),
+    "d16-two-images": (2, 2, 4, 4, 4, 16, 16, 2),
+    "odd-region-topk-all-d32": (1, 1, 9, 5, 5, 32, 32, 9),
     "topk1-d64": (1, 1, 4, 9, 9, 64, 64, 1),
     "several-tiles-odd-dims": (1, 1, 4, 70, 70, 24, 20, 2),  # 70 tokens: two query tiles; d_qk != d_v
 }
@@ -85,11 +85,18 @@ def test_forward_and_gradients_match_float64_reference(case, dtype, device):
 
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
+def test_wide_heads_use_smaller_tiles_and_match(device):
+    # head size 100 (tiles of 128 channels) takes 32-token tiles: 40 tokens span two query and key tiles
+    test_forward_and_gradients_match_float64_reference((1, 1, 4, 40, 40, 100, 72, 2), torch.float32, device)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
 def test_backward_is_bit_identical_across_runs(device):
     # every query region routes to regions 0 and 1: their dK/dV sum many contributions
-    query, key, value, _ = make_inputs((2, 2, 4, 6, 6, 16, 16, 2), torch.float32, device)
+    query, key, value, _ = make_inputs((1, 2, 4, 6, 6, 16, 16, 2), torch.float32, device)
     topk_index = torch.tensor([[[0, 1], [1, 0], [0, 1], [1, 0]]] * 2, device=device)
-    grad_out = torch.randn(2, 2, 4, 6, 16, device=device)
+    grad_out = torch.randn(1, 2, 4, 6, 16, device=device)
     first = forward_backward(query, key, value, topk_index, grad_out, "triton")[1]
     second = forward_backward(query, key, value, topk_index, grad_out, "triton")[1]
     for a, b in zip(first, second):
@@ -130,7 +137,7 @@ def test_transposed_routing_lists_the_query_regions_of_every_key_region():
 @needs_triton
 def test_without_interpreter_on_cpu_the_fallback_computes(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    query, key, value, topk_index = make_inputs(CASES["d16"], torch.float32)
+    query, key, value, topk_index = make_inputs(CASES["d16-two-images"], torch.float32)
 
     def kernels_must_not_run(*args):
         raise AssertionError("the kernels ran on CPU without TRITON_INTERPRET")
@@ -143,7 +150,7 @@ def test_without_interpreter_on_cpu_the_fallback_computes(monkeypatch):
 
 @needs_triton
 def test_float64_falls_back_to_gather(monkeypatch):
-    query, key, value, topk_index = make_inputs(CASES["d16"], torch.float64)
+    query, key, value, topk_index = make_inputs(CASES["d16-two-images"], torch.float64)
     monkeypatch.setattr(triton_bra.FusedRoutedAttention, "apply", None)  # would fail if called
     out = routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="triton")
     expected = routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="gather")
@@ -152,7 +159,7 @@ def test_float64_falls_back_to_gather(monkeypatch):
 
 def test_triton_backend_without_triton_names_the_package(monkeypatch):
     monkeypatch.setattr(triton_bra, "triton_available", lambda: False)
-    query, key, value, topk_index = make_inputs(CASES["d16"], torch.float32)
+    query, key, value, topk_index = make_inputs(CASES["d16-two-images"], torch.float32)
     with pytest.raises(ImportError, match=r"^backend='triton' needs the 'triton' package.*pip install triton$"):
         routed_attention_heads(query, key, value, topk_index, scale=0.25, backend="triton")
 
