@@ -334,6 +334,7 @@ def select_backend(
       than ``LARGE_SCORES``: large maps with ``n_win`` regions), as its backward recomputes the scores
       block by block instead of storing them; else ``gather``;
     - ``sdpa`` and ``flex`` were slower on CPU at every BiFormer shape.
+    - ``triton`` is not chosen until ``benchmarks/bench_gpu.py`` has shown it faster on a GPU.
     - CUDA (not measured: no GPU here): ``sdpa`` for inference (its fused kernels never materialise the
       score matrix), ``gather`` for training (cuBLAS products and the sorted, atomic-free gather backward
       of :mod:`biformer.ops.gather`: deterministic, where SDPA's CUDA backward kernels may use atomics).
