@@ -18,6 +18,8 @@ Heads are contiguous channel chunks of q, k and v. Backends:
   the token count.
 - ``flex``: FlexAttention with a block mask built from the routing (``BlockMask.from_kv_blocks``), for
   inference under ``torch.compile`` (see :mod:`biformer.ops.flex`).
+- ``triton``: gather and attention fused in Triton kernels, forward and backward (see
+  :mod:`biformer.ops.triton_bra`); needs ``triton`` and a GPU (or ``TRITON_INTERPRET=1`` on CPU).
 - ``auto``: picks one of the above per call from measured speed (see :func:`select_backend`).
 
 Two tensor layouts exist. The *region* layout is the public one of :func:`routed_attention`:
@@ -302,6 +304,16 @@ def flex_attention_backend(
     return flex_routed_attention(query, key, value, topk_index, scale=scale, fallback=gather_attention)
 
 
+@register_backend("triton")
+def triton_attention_backend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk_index: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """Fused gather + attention Triton kernels; ``gather`` where they cannot run (see ops.triton_bra)."""
+    from .triton_bra import triton_routed_attention  # imports triton only when this backend runs
+
+    return triton_routed_attention(query, key, value, topk_index, scale=scale, fallback=gather_attention)
+
+
 # --- choosing and dispatching -------------------------------------------------------------------------
 def select_backend(
     *,
@@ -322,6 +334,7 @@ def select_backend(
       than ``LARGE_SCORES``: large maps with ``n_win`` regions), as its backward recomputes the scores
       block by block instead of storing them; else ``gather``;
     - ``sdpa`` and ``flex`` were slower on CPU at every BiFormer shape.
+    - ``triton`` is not chosen until ``benchmarks/bench_gpu.py`` has shown it faster on a GPU.
     - CUDA (not measured: no GPU here): ``sdpa`` for inference (its fused kernels never materialise the
       score matrix), ``gather`` for training (cuBLAS products and the sorted, atomic-free gather backward
       of :mod:`biformer.ops.gather`: deterministic, where SDPA's CUDA backward kernels may use atomics).
