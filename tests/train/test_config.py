@@ -82,7 +82,7 @@ def test_empty_yaml_file_means_defaults(tmp_path):
     [
         ({"epochs": 0}, "'epochs': expected an integer >= 1, got 0"),
         ({"batch_size": -4}, "'batch_size'"),
-        ({"precision": "fp16"}, "'precision': expected 'fp32' or 'bf16', got 'fp16'"),
+        ({"precision": "fp8"}, "'precision': expected one of ('fp32', 'bf16', 'fp16'), got 'fp8'"),
         ({"mixup": 0.8, "batch_size": 7}, "mixup/cutmix need an even batch size, got 7"),
         ({"hflip": 1.5}, "'hflip': expected a probability"),
         ({"smoothing": 1.0}, "'smoothing'"),

@@ -53,3 +53,59 @@ def test_two_processes_train_evaluate_and_write_once(tmp_path, capsys):
     assert single["unreadable_images"] == [str(data / "val" / "blue" / "4.png")]  # eval skips it the same way
     assert single["confusion"] == final["confusion"]
     assert single["top1"] == pytest.approx(final["top1"]) and single["loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
+KILLED_RANK_0 = """
+import json, os, signal, sys
+from biformer.train import Trainer, load_config
+
+values, run_dir, kill_at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+
+def kill(trainer):
+    if trainer.step == kill_at and trainer.dist.rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # torchrun then stops the other process too
+
+with Trainer(load_config((values, "test")), run_dir=run_dir) as trainer:
+    trainer.step_callbacks.append(kill)
+    trainer.fit()
+"""
+
+
+def test_two_processes_killed_inside_an_epoch_resume_bit_identically(tmp_path):
+    """torchrun, 2 processes, recovery checkpoints every 2 steps: rank 0 is SIGKILLed at a random step of epoch 2;
+    `biformer train --resume` under torchrun continues from the last saved step and ends with the weights of an
+    uninterrupted 2-process run."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    data = make_image_folder(tmp_path / "data", per_class=(8, 3))  # 24 training images: 2 x batch 2 -> 6 steps
+    values = micro_options(dataset="imagefolder", data_dir=str(data), output=str(tmp_path), batch_size=2, epochs=2,
+                           mixup=0.5, cutmix=0.5, reprob=0.5, drop_path=0.2, model_ema=True, model_ema_decay=0.9,
+                           repeated_aug=3, checkpoint_every=2, workers=1)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    straight = subprocess.run([*launcher, "-m", "biformer", "train", *as_flags(dict(values, name="straight"))],
+                              capture_output=True, text=True, timeout=240, env=environment)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    assert json.loads((tmp_path / "straight" / "metrics.json").read_text())["steps"] == 12
+
+    kill_at = int(np.random.default_rng().integers(8, 12))  # steps 8..11: after the recovery checkpoint of step 8
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RANK_0)
+    killed = subprocess.run([*launcher, str(script), json.dumps(values), str(tmp_path / "killed"), str(kill_at)],
+                            capture_output=True, text=True, timeout=240, env=environment)
+    assert killed.returncode != 0
+    saved = sorted(path.name for path in (tmp_path / "killed" / "checkpoints").glob("recovery-*.pt"))
+    assert saved[-1] == f"recovery-{kill_at // 2 * 2:09d}.pt", (kill_at, saved, killed.stderr[-2000:])
+
+    resumed = subprocess.run([*launcher, "-m", "biformer", "train", "--resume", str(tmp_path / "killed")],
+                             capture_output=True, text=True, timeout=240, env=environment)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming inside epoch 2 after step {kill_at // 2 * 2}" in resumed.stdout
+    for name in ("last.safetensors", "last-ema.safetensors"):
+        expected = load_file(str(tmp_path / "straight" / "checkpoints" / name))
+        actual = load_file(str(tmp_path / "killed" / "checkpoints" / name))
+        assert all(torch.equal(expected[key], actual[key]) for key in expected), (name, kill_at)
+    rows = [json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("straight", "killed")]
+    assert [row["train_loss"] for row in rows[0]] == [row["train_loss"] for row in rows[1]]

@@ -137,7 +137,9 @@ def test_bf16_autocast_and_gradient_checkpointing(tmp_path, folder_data, monkeyp
         return original(self, model, batch)
 
     monkeypatch.setattr(ClassificationTask, "training_loss", spy)
-    config = make_config(tmp_path, folder_data, precision="bf16", grad_checkpointing=True, epochs=1)
+    # 32 px, not 16: torch's CPU bf16 convolution returns garbage weight gradients for a 1 x 1 input map
+    # (stride 2, padding 1: the last downsampling conv at 16 px), whatever the data
+    config = make_config(tmp_path, folder_data, precision="bf16", grad_checkpointing=True, epochs=1, input_size=32)
     with Trainer(config) as trainer:
         assert all(stage.grad_checkpointing for stage in trainer.model.stages)
         trainer.fit()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -82,6 +83,54 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     for before, after in zip(straight_history, resumed_history, strict=True):
         assert {k: v for k, v in before.items() if "time" not in k and "per_s" not in k} == \
             {k: v for k, v in after.items() if "time" not in k and "per_s" not in k}
+
+
+def _same_history(straight: Path, resumed: Path) -> None:
+    before = json.loads((straight / "metrics.json").read_text())["history"]
+    after = json.loads((resumed / "metrics.json").read_text())["history"]
+    for row_before, row_after in zip(before, after, strict=True):
+        assert {k: v for k, v in row_before.items() if "time" not in k and "per_s" not in k} == \
+            {k: v for k, v in row_after.items() if "time" not in k and "per_s" not in k}
+
+
+def _same_weights(straight: Path, resumed: Path, names=("last.safetensors", "last-ema.safetensors")) -> None:
+    for name in names:
+        expected, actual = weights(straight / "checkpoints" / name), weights(resumed / "checkpoints" / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), (name, key)
+
+
+def test_sigkill_at_a_random_step_resumes_from_the_last_recovery_checkpoint(tmp_path):
+    """--checkpoint-every 2: killed at any step of epoch 2, the run continues from the latest saved step (not the
+    start of the epoch) with the same data order, augmentations and optimizer state, ending bit-identical."""
+    data = make_image_folder(tmp_path / "data")
+    recipe = dict(RECIPE, epochs=2, accum_steps=1, checkpoint_every=2, keep_checkpoints=2)
+    values = micro_options(dataset="imagefolder", data_dir=str(data), output=str(tmp_path), **recipe)
+    config = load_config((values, "test"))
+    with Trainer(config, run_dir=tmp_path / "straight") as trainer:
+        trainer.fit()
+    assert trainer.updates_per_epoch == 6 and trainer.step == 12
+    assert not list((tmp_path / "straight" / "checkpoints").glob("recovery-*"))  # superseded at the epoch's end
+
+    kill_at = int(np.random.default_rng().integers(7, 12))  # any step inside epoch 2 (steps 7..11)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, json.dumps(values), str(interrupted), str(kill_at)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    kept = sorted(path.name for path in (interrupted / "checkpoints").glob("recovery-*.pt"))
+    expected_steps = [step for step in (8, 10) if step <= kill_at][-2:]
+    assert kept == [f"recovery-{step:09d}.pt" for step in expected_steps], (kill_at, kept)  # bounded, newest kept
+
+    with Trainer(config, resume=True, run_dir=interrupted) as resumed:
+        assert (resumed.epoch, resumed.step) == (1, max([6, *expected_steps])), kill_at
+        assert resumed.micro_done == resumed.step - 6
+        resumed.fit()
+    _same_weights(tmp_path / "straight", interrupted, ("last.safetensors", "last-ema.safetensors", "best.safetensors"))
+    _same_history(tmp_path / "straight", interrupted)
+    assert not list((interrupted / "checkpoints").glob("recovery-*"))
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path):

@@ -19,7 +19,9 @@ import yaml
 
 from ..files import atomic_write  # raises WriteError naming the file when it cannot be written
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "load_yaml", "save_config"]
+__all__ = ["PRECISIONS", "ConfigError", "TrainConfig", "load_config", "load_yaml", "save_config"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -109,7 +111,11 @@ class TrainConfig:
     lr_base: float = _option(8e-3, "learning rate for a global batch of lr_base_size images")
     lr_base_size: int = _option(512, "global batch size lr_base refers to")
     weight_decay: float = _option(0.05, "AdamW weight decay (not applied to biases, norms, no_weight_decay())")
-    sched: str = _option("cosine", "timm learning-rate schedule")
+    sched: str = _option("cosine", "timm learning-rate schedule (cosine, multistep, poly, step, ...)")
+    decay_milestones: list | None = _option(
+        None, "multistep: epochs at which the rate is multiplied by decay_rate (None: timm's 90, 180, 270)"
+    )
+    decay_rate: float = _option(0.1, "step/multistep: rate multiplier at each decay; poly: the power")
     warmup_epochs: float = _option(0.5, "linear warm-up length in epochs")
     warmup_lr: float = _option(1e-5, "learning rate at the start of warm-up")
     min_lr: float = _option(1e-5, "final learning rate of the schedule")
@@ -117,7 +123,10 @@ class TrainConfig:
     drop_path: float = _option(0.0, "stochastic depth rate")
     model_ema: bool = _option(False, "keep an exponential moving average of the weights and evaluate it")
     model_ema_decay: float = _option(0.999, "EMA decay per optimizer step")
-    precision: str = _option("fp32", "fp32 or bf16 (bf16 autocast)")
+    precision: str = _option(
+        "fp32", "fp32, bf16 (bf16 autocast) or fp16 (fp16 autocast with a gradient scaler: steps with non-finite "
+        "gradients are skipped and counted; for GPUs without fast bf16)"
+    )
     grad_checkpointing: bool = _option(False, "re-compute activations in backward to save memory")
     # --- run --------------------------------------------------------------------------------------
     seed: int = _option(0, "random seed (data order, augmentation, initialisation)")
@@ -133,6 +142,29 @@ class TrainConfig:
         "budget and training stops when it is spent (final evaluation and checkpoint); None: no limit"
     )
     progress: bool = _option(True, "show progress bars")
+    # --- scale: recovery checkpoints, data pipeline, logs, several processes (biformer.train.recovery) ----
+    checkpoint_every: int | None = _option(
+        None, "also save a recovery checkpoint every this many optimizer steps inside an epoch (None: by time, "
+        "see checkpoint_minutes)"
+    )
+    checkpoint_minutes: float | None = _option(
+        10.0, "with checkpoint_every None: save a recovery checkpoint inside an epoch when this many minutes "
+        "passed since the last checkpoint (None: only at the end of epochs)"
+    )
+    keep_checkpoints: int = _option(2, "recovery checkpoints kept (older ones removed once a newer is complete)")
+    repeated_aug: int = _option(
+        1, "repeated augmentation: each image appears this many times per epoch, differently augmented, on "
+        "different processes (the authors' recipe: 3); the epoch keeps len(dataset) images"
+    )
+    pin_memory: bool = _option(True, "page-locked loader memory when training on CUDA (never on CPU: no use there)")
+    persistent_workers: bool = _option(True, "keep data-loading workers alive between epochs")
+    prefetch_factor: int | None = _option(None, "batches each worker loads ahead (None: torch's default, 2)")
+    sync_bn: bool = _option(
+        False, "several processes on CUDA: synchronise BatchNorm statistics across processes (SyncBatchNorm)"
+    )
+    tensorboard: bool = _option(True, "write TensorBoard event files to RUN/tensorboard")
+    wandb: bool = _option(False, "also log to Weights & Biases in offline mode (RUN/wandb; needs wandb installed)")
+    log_every: int = _option(20, "log loss, learning rate and throughput every this many optimizer steps")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,8 +266,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option 'drop_path': expected a value in [0, 1), got {config.drop_path}")
     if not 0.0 < config.model_ema_decay < 1.0:
         raise ConfigError(f"option 'model_ema_decay': expected a value in (0, 1), got {config.model_ema_decay}")
-    if config.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"option 'precision': expected 'fp32' or 'bf16', got {config.precision!r}")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"option 'precision': expected one of {PRECISIONS}, got {config.precision!r}")
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise ConfigError(f"option 'batch_size': mixup/cutmix need an even batch size, got {config.batch_size}")
     if len(config.scale) != 2 or not 0 < config.scale[0] <= config.scale[1] <= 1:
@@ -244,6 +276,31 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ConfigError(f"option {name!r}: expected None or a positive number, got {value}")
+    _validate_scale_options(config)
+
+
+def _validate_scale_options(config: TrainConfig) -> None:
+    """Checks of the recovery-checkpoint, data-pipeline, logging and schedule options."""
+    for name in ("keep_checkpoints", "repeated_aug", "log_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(config, name)}")
+    for name in ("checkpoint_every", "prefetch_factor"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
+    if config.checkpoint_minutes is not None and config.checkpoint_minutes <= 0:
+        raise ConfigError(f"option 'checkpoint_minutes': expected None or a positive number of minutes, got "
+                          f"{config.checkpoint_minutes}")
+    if config.prefetch_factor is not None and config.workers == 0:
+        raise ConfigError(f"option 'prefetch_factor': needs workers >= 1 (batches are loaded ahead by worker "
+                          f"processes), got workers 0 and prefetch_factor {config.prefetch_factor}")
+    milestones = config.decay_milestones
+    if milestones is not None and (not milestones or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones)
+            or list(milestones) != sorted(milestones)):
+        raise ConfigError(f"option 'decay_milestones': expected None or increasing epochs >= 1, got {milestones}")
+    if config.decay_rate <= 0:
+        raise ConfigError(f"option 'decay_rate': expected a positive number, got {config.decay_rate}")
 
 
 def _check_run_name(name: str | None) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Distributed", "setup"]
+__all__ = ["Distributed", "convert_sync_batchnorm", "setup"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,10 @@ def setup(device: str | None = None) -> Distributed:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+    """``model`` with every BatchNorm replaced by :class:`torch.nn.SyncBatchNorm` (statistics computed over the
+    batches of all processes); returns it and the number of layers converted."""
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return converted, sum(isinstance(module, torch.nn.SyncBatchNorm) for module in converted.modules())

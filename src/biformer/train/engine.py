@@ -6,11 +6,13 @@ updated every optimizer step), the weight EMA (``ModelEmaV3``) and gradient clip
 (``dispatch_clip_grad``). The learning rate is ``lr_base * global batch / lr_base_size`` unless ``lr`` is
 given, with global batch = ``batch_size * processes * accum_steps``.
 
-Exact resumption: at the start of every epoch the Python, NumPy and torch generators, the sampler and the
-data loader are re-seeded from ``(seed, epoch, rank)``, so an epoch's data order, augmentations and
-stochastic depth depend only on those and on the state saved at the end of the previous epoch (model,
-optimizer, scheduler, EMA). ``--resume`` restarts the interrupted epoch from its beginning and ends with
-the same weights as an uninterrupted run (same seed, same number of processes).
+Exact resumption, also inside an epoch: the epoch's data order is a permutation seeded by ``(seed, epoch)``,
+each image is augmented with generators seeded by its place in the epoch, and the training process's
+generators are re-seeded before every micro-batch (mixup, stochastic depth): see
+:mod:`biformer.train.recovery`. Besides the state saved at the end of every epoch, recovery checkpoints are
+saved inside epochs (``checkpoint_every`` steps, or every ``checkpoint_minutes``); ``--resume`` continues from
+the newest complete one and ends with the same weights as an uninterrupted run (same seed, same number of
+processes).
 
 Time budget: with ``time_limit`` (minutes, wall clock from the start of training, evaluations included) the
 learning-rate schedule runs over the budget instead of the planned steps: at a fraction ``f`` of the budget
@@ -38,15 +40,18 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ..files import check_writable_folder, make_folder, remove_stale_temporaries
 from .checkpoints import STATE_FILE, load_training_state, save_training_state, save_weights_with_metadata
 from .config import ConfigError, TrainConfig, save_config
 from .data import SkipUnreadable
-from .distributed import Distributed, setup
+from .distributed import Distributed, convert_sync_batchnorm, setup
 from .history import plot_history, write_history
+from .logs import RunLogs, check_wandb_installed
+from .precision import StepGuard, autocast
+from .recovery import EpochSampler, SeededSamples, prune_recovery_files, recovery_files, recovery_path
 from .task import MetricSums, Task, TaskData, get_task
 
 __all__ = ["ShardSampler", "Trainer", "evaluate", "gather_objects", "lr_for", "move_to", "seed_everything"]
@@ -83,13 +88,6 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision="bf16"``, nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def gather_objects(dist: Distributed) -> Callable[[Any], list[Any]]:
@@ -159,6 +157,7 @@ class Trainer:
         self.step_callbacks: list[Callable[[Trainer], None]] = []
         self.resume = resume
         self._check_run_dir()
+        self._check_scale_options()
         check_writable_folder(self.run_dir, "--resume" if resume else "output")  # before the (slow) data loading
 
         seed_everything(config.seed)  # the same initial weights on every rank
@@ -167,6 +166,8 @@ class Trainer:
                                            for dataset, split in ((self.data.train, "train"), (self.data.eval, "eval")))
         self.unreadable: dict[str, list[int]] = {"train": [], "eval": []}  # indices found unreadable, per split
         self.model = self.task.build_model(self.data.info).to(self.dist.device)
+        if config.sync_bn and self.dist.enabled:
+            self.model, self.sync_bn_layers = convert_sync_batchnorm(self.model)
         self.train_loader, self.eval_loader = self._loaders()
         self.updates_per_epoch = len(self.train_loader) // config.accum_steps
         if self.updates_per_epoch < 1:
@@ -180,8 +181,10 @@ class Trainer:
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=config.sched, num_epochs=config.epochs, warmup_epochs=config.warmup_epochs,
             warmup_lr=config.warmup_lr, min_lr=config.min_lr, step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch,
+            updates_per_epoch=self.updates_per_epoch, decay_rate=config.decay_rate,
+            **({"decay_milestones": list(config.decay_milestones)} if config.decay_milestones else {}),
         )
+        self.guard = StepGuard(config.precision, self.dist.device)
         self.ema = ModelEmaV3(self.model, decay=config.model_ema_decay) if config.model_ema else None
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
@@ -196,6 +199,15 @@ class Trainer:
         self.time_budget = config.time_limit * 60 if config.time_limit else None  # seconds
         self.stopped_by_time_limit = False
         self._clock = (time.perf_counter(), 0.0)  # (start of this fit, seconds trained before it)
+        # inside the current epoch: micro-batches done, this process's (loss sum, samples), seconds spent
+        self.micro_done = 0
+        self.epoch_sums = (0.0, 0.0)
+        self.epoch_seconds = 0.0
+        self.epoch_skipped = 0
+        self.logs: RunLogs | None = None
+        self._last_checkpoint = time.perf_counter()
+        self.resumed_from: Path | None = None
+        self._resumed_elapsed: float | None = None  # seconds trained before a recovery checkpoint
         if resume:
             self._load_state()
 
@@ -215,22 +227,63 @@ class Trainer:
                 "or choose another --name"
             )
 
+    def _check_scale_options(self) -> None:
+        """Options that depend on the device or on installed packages, checked before the data is read."""
+        config = self.config
+        if config.sync_bn and self.dist.device.type != "cuda":
+            raise ConfigError(
+                f"option 'sync_bn': SyncBatchNorm needs CUDA devices (torch has no CPU implementation), got "
+                f"device {self.dist.device}; drop --sync-bn"
+            )
+        if config.sync_bn and not self.dist.enabled and self.dist.is_main:
+            self._say("note: --sync-bn has no effect in one process (BatchNorm already sees the whole batch)")
+        if config.wandb:
+            check_wandb_installed()
+
     def _loaders(self) -> tuple[DataLoader, DataLoader]:
         config, dist, data = self.config, self.dist, self.data
-        self.train_sampler = DistributedSampler(
-            data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
-        )
+        self.train_sampler = EpochSampler(len(data.train), dist.rank, dist.world_size, config.seed,
+                                          config.repeated_aug)
         self.loader_generator = torch.Generator()
         common = dict(num_workers=config.workers, collate_fn=data.collate_fn,
-                      pin_memory=dist.device.type == "cuda")
-        train = DataLoader(data.train, batch_size=config.batch_size, sampler=self.train_sampler, drop_last=True,
-                           generator=self.loader_generator, **common)
+                      pin_memory=config.pin_memory and dist.device.type == "cuda")
+        if config.workers > 0:
+            common.update(persistent_workers=config.persistent_workers)
+            if config.prefetch_factor is not None:
+                common.update(prefetch_factor=config.prefetch_factor)
+        train = DataLoader(SeededSamples(data.train), batch_size=config.batch_size, sampler=self.train_sampler,
+                           drop_last=True, generator=self.loader_generator, **common)
         evaluation = DataLoader(data.eval, batch_size=config.batch_size * 2,
                                 sampler=ShardSampler(data.eval, dist.rank, dist.world_size), **common)
         return train, evaluation
 
+    def _newest_state(self) -> tuple[dict[str, Any], Path]:
+        """The training state of the latest step: the end-of-epoch state or a newer recovery checkpoint (an
+        unreadable recovery checkpoint is passed over with a note: the one before it is used)."""
+        state_path = self.checkpoint_dir / STATE_FILE
+        state = load_training_state(state_path)
+        for _step, path in reversed(recovery_files(self.checkpoint_dir)):
+            try:
+                recovery = load_training_state(path)
+            except ValueError as error:
+                if self.dist.is_main:
+                    self._say(f"note: passing over an unreadable recovery checkpoint: {error}")
+                continue
+            if int(recovery["step"]) > int(state["step"]):
+                return recovery, path
+            break
+        return state, state_path
+
     def _load_state(self) -> None:
-        state = load_training_state(self.checkpoint_dir / STATE_FILE)
+        state, path = self._newest_state()
+        self.resumed_from = path
+        inside = state.get("inside_epoch")
+        if inside is not None and int(inside["world_size"]) != self.dist.world_size:
+            raise ValueError(
+                f"resume: {path} was saved inside epoch {int(state['epoch']) + 1} by {inside['world_size']} "
+                f"process(es); resume it with as many (got {self.dist.world_size}), or remove it to restart that "
+                f"epoch from {self.checkpoint_dir / STATE_FILE}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         saved_epochs = state.get("config", {}).get("epochs")
@@ -248,6 +301,13 @@ class Trainer:
         self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
         self.history = list(state.get("history", []))
         self.last_metrics = dict(state.get("last_metrics", {}))
+        self.guard.load_state_dict(state.get("precision"))
+        if inside is not None:
+            self.micro_done = int(inside["micro_done"])
+            self.epoch_sums = tuple(float(v) for v in inside["sums"][self.dist.rank])
+            self.epoch_seconds = float(inside["seconds"])
+            self.epoch_skipped = int(inside.get("skipped", 0))
+            self._resumed_elapsed = float(inside["elapsed"])
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -259,24 +319,37 @@ class Trainer:
             remove_stale_temporaries(self.run_dir)
             save_config(config, self.run_dir / "config.yaml")
             self._say(f"run folder: {self.run_dir}")
+            if self.resumed_from is not None and self.micro_done:
+                self._say(f"resuming inside epoch {self.epoch + 1} after step {self.step} from {self.resumed_from}")
+            self.logs = RunLogs(self.run_dir, config.to_dict(), config.tensorboard, config.wandb, self.step)
+            for note in self.logs.notes:
+                self._say(note)
             self._say(
                 f"{config.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters), "
                 f"{len(self.data.train)} training / {len(self.data.eval)} evaluation samples, "
                 f"{self.dist.world_size} process(es) on {self.dist.device}, global batch {self.global_batch}, "
                 f"lr {self.lr:.3g}"
             )
-        self._clock = (time.perf_counter(), self.history[-1]["time_s"] if self.history else 0.0)
+        before = self._resumed_elapsed
+        self._clock = (time.perf_counter(), before if before is not None else
+                       (self.history[-1]["time_s"] if self.history else 0.0))
+        self._last_checkpoint = time.perf_counter()
         try:
             while self.epoch < config.epochs and not self.stopped_by_time_limit:
                 row = self._train_epoch()
                 self.epoch += 1
+                evaluated: dict[str, Any] = {}
                 if self.epoch % config.eval_every == 0 or self.epoch == config.epochs or self.stopped_by_time_limit:
-                    row.update(self._evaluate_all())
+                    evaluated = self._evaluate_all()
+                    row.update(evaluated)
                 row.update(self._count_unreadable())
                 row["time_s"] = self._elapsed()
                 self.history.append(row)
                 self._end_epoch(row)
+                self._log_epoch(row, evaluated)
         finally:
+            if self.logs is not None:
+                self.logs.close()
             self.dist.barrier()
         summary = self.summary()
         if self.dist.is_main and self.last_metrics:
@@ -290,7 +363,7 @@ class Trainer:
 
     def _reseed_epoch(self) -> None:
         seed_everything(self.config.seed, self.epoch, self.dist.rank)
-        self.train_sampler.set_epoch(self.epoch)
+        self.train_sampler.set_epoch(self.epoch, start=self.micro_done * self.config.batch_size)
         loader_seed = np.random.SeedSequence([self.config.seed, self.epoch]).generate_state(1)[0]
         self.loader_generator.manual_seed(int(loader_seed))  # the same on every rank
 
@@ -299,34 +372,43 @@ class Trainer:
         self._reseed_epoch()
         self.train_model.train()
         micro_batches = self.updates_per_epoch * config.accum_steps
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        samples = torch.zeros((), dtype=torch.float64)
-        bar = tqdm(total=micro_batches, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch",
+        first = self.micro_done  # > 0 when resuming inside the epoch
+        loss_sum = torch.tensor(self.epoch_sums[0], dtype=torch.float64)
+        samples = torch.tensor(self.epoch_sums[1], dtype=torch.float64)
+        bar = tqdm(total=micro_batches, initial=first, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch",
                    disable=not (dist.is_main and config.progress), dynamic_ncols=True, mininterval=1.0)
         epoch_start = time.perf_counter()
-        for index, batch in enumerate(self.train_loader):
+        self._log_window = [torch.zeros((), dtype=torch.float64), 0, time.perf_counter(), self.step]
+        for index, batch in enumerate(self.train_loader, start=first):
             if index >= micro_batches:
                 break
+            seed_everything(config.seed, self.epoch, index, dist.rank)  # mixup, drop path: from the position only
             last_micro = (index + 1) % config.accum_steps == 0
             sync = contextlib.nullcontext() if last_micro or not dist.enabled else self.train_model.no_sync()
             with sync:
                 with autocast(dist.device, config.precision):
                     loss, count = self.task.training_loss(self.train_model, move_to(batch, dist.device))
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if not finite and not self.guard.enabled:
                     kept = (f", then continue from the last checkpoint (epoch {self.epoch}, kept) with --resume "
                             f"{self.run_dir}") if self.epoch else ""
                     raise FloatingPointError(
                         f"training loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step}; lower --lr "
                         f"or enable --clip-grad{kept}"
                     )
-                (loss / config.accum_steps).backward()
-            loss_sum += loss.detach().double().cpu() * count
-            samples += count
+                self.guard.backward(loss / config.accum_steps)  # fp16: a non-finite loss makes the step skipped
+            if finite:
+                loss_sum += loss.detach().double().cpu() * count
+                samples += count
+                self._log_window[0] += loss.detach().double().cpu()
+                self._log_window[1] += 1
+            self.micro_done = index + 1
             if last_micro:
                 self._optimizer_step()
+                self._after_step(loss_sum, samples, epoch_start, micro_batches)
             bar.update(1)
             if dist.is_main and config.progress and (index % 10 == 0 or index + 1 == micro_batches):
-                self._show_progress(bar, loss.item(), epoch_start, index + 1, micro_batches)
+                self._show_progress(bar, loss.item(), epoch_start, index + 1 - first, micro_batches - first)
             if self.stopped_by_time_limit:
                 if dist.is_main:
                     self._say(f"time limit of {config.time_limit:g} min reached at step {self.step}: stopping "
@@ -335,23 +417,79 @@ class Trainer:
         bar.close()
         self.scheduler.step(self.epoch + 1)
         dist.all_reduce_sum(loss_sum_and_count := torch.stack([loss_sum, samples]).to(dist.device))
-        seconds = time.perf_counter() - epoch_start
+        seconds = self.epoch_seconds + time.perf_counter() - epoch_start
         total_samples = loss_sum_and_count[1].item()
-        return dict(epoch=self.epoch + 1, step=self.step, lr=self.optimizer.param_groups[0]["lr"],
-                    train_loss=loss_sum_and_count[0].item() / total_samples,
-                    train_images_per_s=total_samples / seconds)
+        row = dict(epoch=self.epoch + 1, step=self.step, lr=self.optimizer.param_groups[0]["lr"],
+                   train_loss=loss_sum_and_count[0].item() / max(total_samples, 1),
+                   train_images_per_s=total_samples / seconds)
+        if self.guard.enabled:
+            row.update(skipped_steps=self.epoch_skipped, loss_scale=self.guard.scale)
+        self.micro_done, self.epoch_sums, self.epoch_seconds, self.epoch_skipped = 0, (0.0, 0.0), 0.0, 0
+        self._resumed_elapsed = None
+        return row
 
     def _optimizer_step(self) -> None:
         if self.config.clip_grad:
+            self.guard.unscale(self.optimizer)
             dispatch_clip_grad(self.model.parameters(), self.config.clip_grad, mode="norm")
-        self.optimizer.step()
+        if not self.guard.step(self.optimizer):  # fp16: inf/NaN gradients, the step is skipped (and counted)
+            self.epoch_skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.scheduler.step_update(num_updates=self._schedule_position())
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
+
+    def _after_step(self, loss_sum: torch.Tensor, samples: torch.Tensor, epoch_start: float,
+                    micro_batches: int) -> None:
+        """After an optimizer step: live logs, a recovery checkpoint when one is due, the step callbacks."""
+        config = self.config
+        if self.logs is not None and self.logs.enabled and self.step % config.log_every == 0:
+            window_loss, window_batches, window_start, window_step = self._log_window
+            seconds = max(time.perf_counter() - window_start, 1e-9)
+            images = (self.step - window_step) * config.accum_steps * config.batch_size * self.dist.world_size
+            values = {"train/loss": window_loss.item() / max(window_batches, 1),
+                      "train/lr": self.optimizer.param_groups[0]["lr"], "train/images_per_s": images / seconds}
+            if self.guard.enabled:
+                values.update({"train/loss_scale": self.guard.scale, "train/skipped_steps": self.guard.skipped})
+            self.logs.scalars(values, self.step)
+            self._log_window = [torch.zeros((), dtype=torch.float64), 0, time.perf_counter(), self.step]
+        if self.micro_done < micro_batches and self._checkpoint_due():
+            self._save_recovery(loss_sum, samples, time.perf_counter() - epoch_start)
         for callback in self.step_callbacks:
             callback(self)
+
+    def _checkpoint_due(self) -> bool:
+        """Whether to save a recovery checkpoint now: every ``checkpoint_every`` steps, else when
+        ``checkpoint_minutes`` passed on the main process's clock (the same decision on every process)."""
+        config = self.config
+        if config.checkpoint_every:
+            return self.step % config.checkpoint_every == 0
+        if not config.checkpoint_minutes:
+            return False
+        due = time.perf_counter() - self._last_checkpoint >= config.checkpoint_minutes * 60
+        if self.dist.enabled:
+            flag = torch.tensor([int(due)], device=self.dist.device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    def _save_recovery(self, loss_sum: torch.Tensor, samples: torch.Tensor, seconds: float) -> None:
+        """Write ``recovery-STEP.pt`` (main process) with every process's running loss sums; prune old ones."""
+        sums = torch.stack([loss_sum, samples]).to(self.dist.device)  # (2,) float64
+        if self.dist.enabled:
+            gathered = [torch.zeros_like(sums) for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather(gathered, sums)
+        else:
+            gathered = [sums]
+        self._last_checkpoint = time.perf_counter()
+        if not self.dist.is_main:
+            return
+        inside = dict(micro_done=self.micro_done, world_size=self.dist.world_size,
+                      sums=[[float(value) for value in item.cpu().tolist()] for item in gathered],
+                      seconds=self.epoch_seconds + seconds, elapsed=self._elapsed(), skipped=self.epoch_skipped)
+        save_training_state(recovery_path(self.checkpoint_dir, self.step), {**self._state(), "inside_epoch": inside})
+        prune_recovery_files(self.checkpoint_dir, self.config.keep_checkpoints)  # only after the new one is whole
 
     def _elapsed(self) -> float:
         """Seconds of training so far (this process's clock), earlier sessions of a resumed run included."""
@@ -419,6 +557,7 @@ class Trainer:
             save_weights_with_metadata(best_model, self.checkpoint_dir / "best.safetensors",
                                        {**description, main_key: row[main_key]})
         save_training_state(self.checkpoint_dir / STATE_FILE, self._state())
+        prune_recovery_files(self.checkpoint_dir, self.config.keep_checkpoints, up_to_step=self.step)  # superseded
         write_history(self.run_dir, self.history, self.summary())
         plot_history(self.run_dir / "metrics.png", self.history, self.task.plot_metrics)
         text = f"epoch {self.epoch}/{self.config.epochs}: train loss {row['train_loss']:.4f}"
@@ -433,8 +572,18 @@ class Trainer:
                      f"eval {len(self.unreadable['eval'])} (e.g. {', '.join(names)}; all in metrics.json)")
         self._say(text + f", {row['train_images_per_s']:.0f} img/s, {_format_duration(row['time_s'])} elapsed")
 
+    def _log_epoch(self, row: dict[str, Any], evaluated: dict[str, Any]) -> None:
+        """The epoch's training figures and every evaluation metric to the live logs (main process)."""
+        if self.logs is None or not self.logs.enabled:
+            return
+        values = {f"eval/{key}": value for key, value in evaluated.items()}
+        values.update({f"epoch/{key}": value for key, value in row.items()
+                       if key not in evaluated and key not in ("epoch", "step")})
+        self.logs.scalars(values, self.step)
+        self.logs.flush()
+
     def _state(self) -> dict[str, Any]:
-        return dict(
+        return dict(precision=self.guard.state_dict(),
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), ema=self.ema.module.state_dict() if self.ema else None,
             epoch=self.epoch, step=self.step, best=self.best, best_epoch=self.best_epoch,
