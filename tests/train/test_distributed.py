@@ -109,3 +109,29 @@ def test_two_processes_killed_inside_an_epoch_resume_bit_identically(tmp_path):
         assert all(torch.equal(expected[key], actual[key]) for key in expected), (name, kill_at)
     rows = [json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("straight", "killed")]
     assert [row["train_loss"] for row in rows[0]] == [row["train_loss"] for row in rows[1]]
+
+
+def test_eval_under_torchrun_shards_and_gathers_the_one_process_metrics(tmp_path, capsys):
+    """`torchrun --nproc_per_node=2 -m biformer eval` on 15 images (8 + 7 per process): the same confusion
+    matrix, top-1/top-5 and per-class accuracy as one process, and one report."""
+    from biformer.train import Trainer, load_config
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 5))
+    values = micro_options(dataset="imagefolder", data_dir=str(data), output=str(tmp_path), name="run", epochs=4,
+                           batch_size=4, tensorboard=False, seed=1, eval_every=4)
+    with Trainer(load_config((values, "test"))) as trainer:
+        trainer.fit()
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "biformer",
+               "eval", checkpoint, "--output", str(tmp_path / "two"), "--no-progress", "--batch-size", "3"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert process.stdout.count("top-5") == 1  # one report, from rank 0
+    assert main(["eval", checkpoint, "--output", str(tmp_path / "one"), "--no-progress", "--workers", "0"]) == 0
+    two, one = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("two", "one"))
+    assert two["samples"] == one["samples"] == 15
+    assert sum(any(row[column] for row in one["confusion"]) for column in range(3)) >= 2  # not one class for all
+    for key in ("confusion", "top1", "top5", "per_class_top1"):
+        assert two[key] == one[key], key
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)  # float sums in another order and batch split
