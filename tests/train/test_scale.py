@@ -215,3 +215,38 @@ def test_sync_bn_conversion_replaces_every_batchnorm():
         torch.nn.BatchNorm2d(4)))
     converted, count = convert_sync_batchnorm(model)
     assert count == 2 and not any(type(m) is torch.nn.BatchNorm2d for m in converted.modules())
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_passes_over_a_broken_recovery_checkpoint_and_refuses_another_process_count(tmp_path, folder_data,
+                                                                                           capsys):
+    from biformer.train.checkpoints import load_training_state, save_training_state
+
+    values = options(tmp_path, folder_data, epochs=1, batch_size=4, checkpoint_every=1, keep_checkpoints=2,
+                     tensorboard=False)
+
+    def stop(trainer):
+        if trainer.step == 3:
+            raise Stop
+
+    config = load_config((values, "test"))
+    with Trainer(config) as trainer:
+        trainer.step_callbacks.append(stop)
+        with pytest.raises(Stop):
+            trainer.fit()
+    folder = tmp_path / "run" / "checkpoints"
+    assert [step for step, _ in recovery_files(folder)] == [2, 3]
+    recovery_path(folder, 3).write_bytes(b"half a file")  # e.g. a disk that lost the file's last blocks
+    with Trainer(config, resume=True, run_dir=tmp_path / "run") as resumed:
+        assert (resumed.step, resumed.micro_done) == (2, 2)
+    assert "note: passing over an unreadable recovery checkpoint: resume: cannot read" in capsys.readouterr().out
+
+    state = load_training_state(recovery_path(folder, 2))
+    state["inside_epoch"]["world_size"] = 2
+    save_training_state(recovery_path(folder, 2), state)
+    expected = r"resume: .*recovery-000000002.pt was saved inside epoch 1 by 2 process\(es\); resume it with as many"
+    with pytest.raises(ValueError, match=expected + r" \(got 1\)"):
+        Trainer(config, resume=True, run_dir=tmp_path / "run")

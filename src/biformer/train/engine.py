@@ -219,9 +219,10 @@ class Trainer:
 
     def _check_run_dir(self) -> None:
         state = self.checkpoint_dir / STATE_FILE
-        if self.resume and not state.is_file():
+        saved = state.is_file() or bool(recovery_files(self.checkpoint_dir))  # a recovery checkpoint is a state too
+        if self.resume and not saved:
             raise FileNotFoundError(f"resume: no training state at {state} (nothing to resume)")
-        if not self.resume and state.is_file():
+        if not self.resume and saved:
             raise FileExistsError(
                 f"run folder {self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                 "or choose another --name"
@@ -261,7 +262,7 @@ class Trainer:
         """The training state of the latest step: the end-of-epoch state or a newer recovery checkpoint (an
         unreadable recovery checkpoint is passed over with a note: the one before it is used)."""
         state_path = self.checkpoint_dir / STATE_FILE
-        state = load_training_state(state_path)
+        state = load_training_state(state_path) if state_path.is_file() else None  # none before the first epoch ends
         for _step, path in reversed(recovery_files(self.checkpoint_dir)):
             try:
                 recovery = load_training_state(path)
@@ -269,9 +270,12 @@ class Trainer:
                 if self.dist.is_main:
                     self._say(f"note: passing over an unreadable recovery checkpoint: {error}")
                 continue
-            if int(recovery["step"]) > int(state["step"]):
+            if state is None or int(recovery["step"]) > int(state["step"]):
                 return recovery, path
             break
+        if state is None:
+            raise ValueError(f"resume: no readable training state in {self.checkpoint_dir} (the recovery checkpoints "
+                             f"are unreadable and no epoch was completed): start the run again")
         return state, state_path
 
     def _load_state(self) -> None:
