@@ -155,7 +155,7 @@ def main() -> None:
             ("224 px JPEG folder, biformer_tiny, batch 16 (imagenet/biformer_tiny recipe, fp32)",
              [(load_yaml(resolve_config("imagenet/biformer_tiny")), "recipe"),
               (dict(data_dir=str(jpegs), batch_size=16, precision="fp32", threads=1), "test")],
-             10, 2),
+             6, 1),
         ]
         for title, layers, batches, steps in suites:
             print(f"\n### {title}\n")

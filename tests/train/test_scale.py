@@ -23,8 +23,8 @@ def folder_data(tmp_path_factory):
 
 
 def options(tmp_path, data, **overrides):
-    return micro_options(dataset="imagefolder", data_dir=str(data), output=str(tmp_path), name="run",
-                         input_size=32, **overrides)
+    return micro_options(**{**dict(dataset="imagefolder", data_dir=str(data), output=str(tmp_path), name="run",
+                                   input_size=32), **overrides})
 
 
 # --- precision -------------------------------------------------------------------------------------------
@@ -250,3 +250,17 @@ def test_resume_passes_over_a_broken_recovery_checkpoint_and_refuses_another_pro
     expected = r"resume: .*recovery-000000002.pt was saved inside epoch 1 by 2 process\(es\); resume it with as many"
     with pytest.raises(ValueError, match=expected + r" \(got 1\)"):
         Trainer(config, resume=True, run_dir=tmp_path / "run")
+
+
+def test_the_number_of_workers_changes_nothing(tmp_path, folder_data):
+    """Each image's augmentation is seeded by its place in the epoch, not by the worker that loads it: 0 and 2
+    data-loading workers train bit-identical weights (RandAugment, erasing, mixup, drop path on)."""
+    finals = []
+    for workers in (0, 2):
+        values = options(tmp_path, folder_data, epochs=1, batch_size=4, workers=workers, name=f"w{workers}",
+                         auto_augment="rand-m9-mstd0.5-inc1-mmax9", reprob=0.5, mixup=0.5, drop_path=0.2,
+                         tensorboard=False)
+        with Trainer(load_config((values, "test"))) as trainer:
+            trainer.fit()
+        finals.append({key: value.clone() for key, value in trainer.model.state_dict().items()})
+    assert all(torch.equal(finals[0][key], finals[1][key]) for key in finals[0])
