@@ -71,7 +71,7 @@ def test_train_resume_and_eval(tmp_path, capsys, task, architecture):
     assert main(["train", *flags]) == 0
     run = tmp_path / "straight"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "metrics.json",
-                                                      "metrics.png"]
+                                                      "metrics.png", "tensorboard"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors",
                                                                         "training-state.pt"]
     document = json.loads((run / "metrics.json").read_text())

@@ -31,7 +31,7 @@ def test_two_processes_train_evaluate_and_write_once(tmp_path, capsys):
 
     run = tmp_path / "runs" / "ddp"
     assert sorted(path.name for path in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv",
-                                                           "metrics.json", "metrics.png"]
+                                                           "metrics.json", "metrics.png", "tensorboard"]
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == [
         "best.safetensors", "last.safetensors", "training-state.pt"]
     document = json.loads((run / "metrics.json").read_text())

@@ -39,10 +39,11 @@ def config_description(name: str) -> str:
 
 
 def resolve_config(value: str | os.PathLike) -> Path:
-    """The file ``--config VALUE`` means: an existing path, else a shipped recipe's name (``.yaml`` optional).
+    """The file ``--config VALUE`` means: an existing path, else a shipped recipe's name (``.yaml`` optional);
+    a missing ``.yaml`` / ``.yml`` or absolute path is returned as it is (reading it then names the file).
 
     Raises:
-        ConfigError: neither; the message lists the shipped names.
+        ConfigError: a name that is not a shipped recipe; the message lists them.
     """
     path = Path(value).expanduser()
     if path.is_file():
@@ -50,5 +51,7 @@ def resolve_config(value: str | os.PathLike) -> Path:
     name = Path(value).as_posix().removesuffix(".yaml")
     if name in list_configs():
         return _configs_root() / f"{name}.yaml"
+    if path.suffix in (".yaml", ".yml") or path.is_absolute():
+        return path  # meant as a file: load_yaml says "--config: no such file: PATH"
     raise ConfigError(f"--config: {str(value)!r} is neither a file nor a shipped recipe; shipped recipes "
                       f"(biformer train --list-configs): {', '.join(list_configs())}")
