@@ -82,7 +82,7 @@ def test_two_processes_killed_inside_an_epoch_resume_bit_identically(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=(8, 3))  # 24 training images: 2 x batch 2 -> 6 steps
     values = micro_options(dataset="imagefolder", data_dir=str(data), output=str(tmp_path), batch_size=2, epochs=2,
                            mixup=0.5, cutmix=0.5, reprob=0.5, drop_path=0.2, model_ema=True, model_ema_decay=0.9,
-                           repeated_aug=3, checkpoint_every=2, workers=1)
+                           repeated_aug=3, checkpoint_every=2, workers=0, tensorboard=False)  # workers: 1-process test
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     straight = subprocess.run([*launcher, "-m", "biformer", "train", *as_flags(dict(values, name="straight"))],
