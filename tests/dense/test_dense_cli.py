@@ -1,5 +1,8 @@
 """``biformer train --task segmentation | detection`` on the built-in scenes: run folder, exact resume, eval of
-the checkpoint, two processes under torchrun (gloo), the time budget, and one-line errors for bad options."""
+the checkpoint, two processes under torchrun (gloo), the time budget, and one-line errors for bad options.
+
+The scenes are composed from the session's Fashion-MNIST lookalike, found where the command looks by default
+(``fashion_mnist_on_search_path``); the bad-option tests run without any dataset: options are checked first."""
 
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ def _interrupted_then_resumed(flags: list[str], run: Path, stop_at_step: int) ->
 
 
 @pytest.mark.parametrize("task, architecture", [("segmentation", "upernet"), ("detection", "retinanet")])
-def test_train_resume_and_eval(tmp_path, capsys, task, architecture):
+def test_train_resume_and_eval(tmp_path, capsys, task, architecture, fashion_mnist_on_search_path):
     flags = tiny_flags(task, tmp_path, "straight", architecture=architecture)
     assert main(["train", *flags]) == 0
     run = tmp_path / "straight"
@@ -160,7 +163,7 @@ def test_coco_and_mask_folder_data_through_the_command(tmp_path, capsys):
     assert len(document["final"]["per_class_IoU"]) == 3
 
 
-def test_two_processes_gather_detections(tmp_path, capsys):
+def test_two_processes_gather_detections(tmp_path, capsys, fashion_mnist_on_search_path):
     """Under torchrun each process evaluates 3 or 2 of the 5 scenes; the gathered mAP is the one-process one."""
     # with a time budget (not reached) every step also agrees on the clock across the processes
     flags = tiny_flags("detection", tmp_path, "ddp", architecture="maskrcnn", epochs=1, time_limit=30.0)
@@ -181,7 +184,7 @@ def test_two_processes_gather_detections(tmp_path, capsys):
         assert single[key] == pytest.approx(final[key], abs=1e-6), key
 
 
-def test_time_limit_stops_with_a_final_evaluation_and_checkpoint(tmp_path):
+def test_time_limit_stops_with_a_final_evaluation_and_checkpoint(tmp_path, fashion_mnist_on_search_path):
     flags = tiny_flags("segmentation", tmp_path, "budget", epochs=50, time_limit=1e-4)  # 6 ms: one step
     assert main(["train", *flags]) == 0
     document = json.loads((tmp_path / "budget" / "metrics.json").read_text())
@@ -190,7 +193,7 @@ def test_time_limit_stops_with_a_final_evaluation_and_checkpoint(tmp_path):
     assert "mIoU" in document["final"] and (tmp_path / "budget" / "checkpoints" / "best.safetensors").is_file()
 
 
-def test_time_limit_schedule_follows_the_budget(tmp_path):
+def test_time_limit_schedule_follows_the_budget(tmp_path, fashion_mnist_on_search_path):
     config = config_of(tiny_flags("segmentation", tmp_path, "schedule", epochs=10, time_limit=10.0))
     with Trainer(config, run_dir=tmp_path / "schedule") as trainer:
         planned = config.epochs * trainer.updates_per_epoch  # 10 epochs x 2 steps

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from biformer.dense import load_fashion_mnist
 from biformer.train import data as data_module
 from biformer.train.data import (
     CsvImageDataset,
     DataError,
     FashionMNIST,
     collate_classification,
+    data_search_path,
     find_fashion_mnist,
     image_folder,
     read_idx,
@@ -91,9 +95,84 @@ def test_fashion_mnist_labels_out_of_range(tmp_path):
 
 
 def test_fashion_mnist_default_places(monkeypatch, tmp_path):
-    root = make_fashion_mnist(tmp_path / "usr-share", train=10, test=10)
-    monkeypatch.setattr(data_module, "FASHION_MNIST_DIRS", (root, tmp_path / "cache"))
-    assert find_fashion_mnist(None, download=False) == root
+    """Without $BIFORMER_DATA_PATH: /usr/share/datasets (the Debian package), then ~/.cache/biformer."""
+    assert data_module.DEFAULT_DATA_DIRS == (Path("/usr/share/datasets"), Path("~/.cache/biformer"))
+    share, home = tmp_path / "usr-share-datasets", tmp_path / "home"
+    monkeypatch.delenv("BIFORMER_DATA_PATH")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(data_module, "DEFAULT_DATA_DIRS", (share, Path("~/.cache/biformer")))
+    assert data_search_path() == [share, home / ".cache" / "biformer"]
+    cached = make_fashion_mnist(home / ".cache" / "biformer" / "fashion-mnist", train=10, test=10)
+    assert find_fashion_mnist(None, download=False) == cached
+    packaged = make_fashion_mnist(share / "fashion-mnist", train=10, test=10)
+    assert find_fashion_mnist(None, download=False) == packaged  # the first folder of the search path wins
+    (packaged / "train-images-idx3-ubyte.gz").rename(tmp_path / "moved")  # incomplete: the next folder is used
+    assert find_fashion_mnist(None, download=False) == cached
+    (cached / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="the default search path; set BIFORMER_DATA_PATH to search other folders"):
+        find_fashion_mnist(None, download=False)
+
+
+def test_data_path_replaces_the_default_folders(monkeypatch, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    found = make_fashion_mnist(second / "fashion-mnist", train=10, test=10)
+    monkeypatch.setattr(data_module, "DEFAULT_DATA_DIRS", (tmp_path / "default",))
+    make_fashion_mnist(tmp_path / "default" / "fashion-mnist", train=10, test=10)
+    monkeypatch.setenv("BIFORMER_DATA_PATH", os.pathsep.join([str(first), "", str(second)]))
+    assert data_search_path() == [first, second]  # empty entries are skipped
+    assert find_fashion_mnist(None, download=False) == found
+    loaded, labels = load_fashion_mnist("test")  # the scenes' crops: the same lookup
+    assert loaded.shape == (10, 28, 28) and labels.tolist() == list(range(10))
+    monkeypatch.setenv("BIFORMER_DATA_PATH", str(first))  # the defaults are not searched
+    with pytest.raises(DataError, match=f"not found in {first / 'fashion-mnist'} \\(BIFORMER_DATA_PATH="):
+        find_fashion_mnist(None, download=False)
+    with pytest.raises(FileNotFoundError, match="BIFORMER_DATA_PATH"):
+        load_fashion_mnist("train")
+
+
+def test_download_goes_to_the_last_folder_of_the_search_path(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    roots = []
+
+    class FakeTorchvision:  # writes the files where torchvision's download would
+        def __init__(self, root, train, download):
+            roots.append(root)
+            make_fashion_mnist(Path(root) / "FashionMNIST" / "raw", train=10, test=10)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeTorchvision)
+    monkeypatch.setenv("BIFORMER_DATA_PATH", os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]))
+    found = find_fashion_mnist(None, download=True)
+    assert found == tmp_path / "b" / "fashion-mnist" / "FashionMNIST" / "raw"
+    assert roots == [str(tmp_path / "b" / "fashion-mnist")] * 2
+    assert find_fashion_mnist(None, download=False) == found  # found there the next time
+
+
+def test_an_empty_search_path_searches_and_downloads_nothing(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    class MustNotDownload:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("downloaded although the search path is empty")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", MustNotDownload)
+    monkeypatch.setenv("BIFORMER_DATA_PATH", "")
+    assert data_search_path() == []
+    with pytest.raises(DataError, match="not found in no folder .*empty search path.* Nothing was downloaded"):
+        find_fashion_mnist(None, download=True)
+
+
+def test_the_session_lookalike_is_found_on_the_search_path(fashion_mnist_on_search_path):
+    """The suite's own Fashion-MNIST (tests/conftest.py): the real file names and format, 10 balanced classes."""
+    assert find_fashion_mnist(None, download=False) == fashion_mnist_on_search_path
+    folder = fashion_mnist_on_search_path
+    train, test = FashionMNIST(folder, "train"), FashionMNIST(folder, "test")
+    assert (len(train), len(test)) == (300, 100) and np.bincount(train.labels).tolist() == [30] * 10
+    assert train.images.shape == (300, 28, 28) and train.images.dtype == np.uint8
+    # the classes differ: the shape (pixels above 100) of a test image is nearest to a training shape of its class
+    shapes = [(split.images > 100).reshape(len(split), -1).astype(np.float32) for split in (train, test)]
+    distances = ((shapes[1][:, None] - shapes[0][None]) ** 2).sum(axis=-1)  # (100 test, 300 train)
+    assert (train.labels[distances.argmin(axis=1)] == test.labels).mean() > 0.8  # chance: 0.1
 
 
 def test_image_folder_and_shared_class_order(tmp_path):

@@ -7,7 +7,8 @@ class ``label + 1`` on the masks and 0 (background) elsewhere. Scene ``i`` depen
 the crops, so a dataset is deterministic and can be read in any order by any number of workers.
 
 The crops come from any source (an array of images and labels); :func:`load_fashion_mnist` reads the real
-data from the Debian package ``dataset-fashion-mnist`` (idx files under ``/usr/share/datasets/fashion-mnist``).
+data where ``biformer train`` finds it (the dataset search path, ``$BIFORMER_DATA_PATH``; by default the Debian
+package ``dataset-fashion-mnist``'s idx files under ``/usr/share/datasets/fashion-mnist``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..train.data import read_idx  # one idx reader for the package
+from ..train.data import DATA_PATH_ENV, _idx_file, fashion_mnist_folders, read_idx  # one reader, one lookup
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -39,8 +40,8 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 _FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # idx type byte -> big-endian numpy dtype (the format of the MNIST files)
 TASKS = ("detection", "segmentation")
@@ -49,8 +50,11 @@ TASKS = ("detection", "segmentation")
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST images uint8 (N, 28, 28) and labels int64 (N,) of ``split`` ("train" or "test").
 
-    ``root`` defaults to ``$BIFORMER_FASHION_MNIST`` or ``/usr/share/datasets/fashion-mnist`` (installed by
-    ``apt-get install dataset-fashion-mnist``).
+    ``root``: the folder with the split's two idx files (``.gz`` or not). None: ``$BIFORMER_FASHION_MNIST``
+    if set, else the folders ``biformer train`` searches (:func:`biformer.train.data.fashion_mnist_folders`:
+    ``DIR/fashion-mnist`` for each folder ``DIR`` of ``$BIFORMER_DATA_PATH``, by default
+    ``/usr/share/datasets``, installed by ``apt-get install dataset-fashion-mnist``, then ``~/.cache/biformer``),
+    each as is or in torchvision's layout (``FashionMNIST/raw``).
 
     Raises:
         FileNotFoundError: the files are not there; the message says how to install them.
@@ -58,14 +62,21 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     """
     if split not in _FASHION_MNIST_FILES:
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    root = Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
-    image_path, label_path = (root / name for name in _FASHION_MNIST_FILES[split])
-    if not image_path.is_file() or not label_path.is_file():
+    root = root or os.environ.get(FASHION_MNIST_ENV) or None
+    folders = [Path(root).expanduser()] if root else fashion_mnist_folders()
+    image_stem, label_stem = _FASHION_MNIST_FILES[split]
+    places = [place for folder in folders for place in (folder, folder / "FashionMNIST" / "raw")]
+    found = [(_idx_file(place, image_stem), _idx_file(place, label_stem)) for place in places]
+    image_path, label_path = next(((i, lab) for i, lab in found if i and lab), (None, None))
+    if image_path is None or label_path is None:
+        where = ", ".join(str(folder) for folder in folders) or f"no folder (${DATA_PATH_ENV} is empty)"
         raise FileNotFoundError(
-            f"Fashion-MNIST: {image_path.name} / {label_path.name} not found in {root}. Install the data with "
+            f"Fashion-MNIST: {image_stem}.gz / {label_stem}.gz not found in {where}. Install the data with "
             f"'apt-get install dataset-fashion-mnist' (Debian/Ubuntu, offline idx files), or download the four "
-            f"idx .gz files and pass root=... (or set {FASHION_MNIST_ENV})"
+            f"idx .gz files into DIR/fashion-mnist for a folder DIR of ${DATA_PATH_ENV}, or pass their folder "
+            f"(root=..., --data-dir)"
         )
+    root = image_path.parent
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"Fashion-MNIST: images {images.shape} and labels {labels.shape} do not match in {root}")

@@ -32,7 +32,11 @@ __all__ = [
     "CsvImageDataset",
     "DataError",
     "FashionMNIST",
+    "DATA_PATH_ENV",
+    "DEFAULT_DATA_DIRS",
     "SkipUnreadable",
+    "data_search_path",
+    "fashion_mnist_folders",
     "find_fashion_mnist",
     "image_folder",
     "read_idx",
@@ -43,8 +47,11 @@ FASHION_MNIST_CLASSES = (
 )
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
-# Where the Debian/Ubuntu package ``dataset-fashion-mnist`` installs the files, then our download cache.
-FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path("~/.cache/biformer/fashion-mnist"))
+# The dataset search path: $BIFORMER_DATA_PATH (folders separated by os.pathsep) when set, else where the
+# Debian/Ubuntu dataset packages (``dataset-fashion-mnist``) install their data, then our download cache.
+DATA_PATH_ENV = "BIFORMER_DATA_PATH"
+DEFAULT_DATA_DIRS = (Path("/usr/share/datasets"), Path("~/.cache/biformer"))
+FASHION_MNIST_FOLDER = "fashion-mnist"  # a dataset's folder name inside each search-path folder
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -103,23 +110,56 @@ def _has_fashion_mnist(folder: Path) -> bool:
     return all(_idx_file(folder, stem) for pair in _IDX_FILES.values() for stem in pair)
 
 
+def data_search_path() -> list[Path]:
+    """The folders searched for datasets (Fashion-MNIST, the built-in scenes' crops), in order.
+
+    ``$BIFORMER_DATA_PATH`` when it is set: folders separated by ``os.pathsep`` (``:`` on Linux and macOS,
+    ``;`` on Windows), ``~`` expanded, empty entries skipped; it replaces the defaults, so an empty value
+    searches nowhere. Unset: ``/usr/share/datasets`` (the Debian/Ubuntu dataset packages) then
+    ``~/.cache/biformer`` (where ``biformer train`` downloads what it does not find). A dataset is looked
+    up in its own folder inside each of them, e.g. ``DIR/fashion-mnist``.
+    """
+    value = os.environ.get(DATA_PATH_ENV)
+    folders = DEFAULT_DATA_DIRS if value is None else [entry for entry in value.split(os.pathsep) if entry.strip()]
+    return [Path(folder).expanduser() for folder in folders]
+
+
+def _describe_search_path() -> str:
+    value = os.environ.get(DATA_PATH_ENV)
+    if value is None:
+        return f"the default search path; set {DATA_PATH_ENV} to search other folders"
+    return f"{DATA_PATH_ENV}={value!r}" + ("" if value.strip() else ", an empty search path")
+
+
+def fashion_mnist_folders(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where Fashion-MNIST is looked for: ``data_dir`` if given, else ``DIR/fashion-mnist`` for every folder
+    ``DIR`` of :func:`data_search_path`. Each is tried as is and in torchvision's layout
+    (``FOLDER/FashionMNIST/raw``)."""
+    if data_dir:
+        return [Path(data_dir).expanduser()]
+    return [folder / FASHION_MNIST_FOLDER for folder in data_search_path()]
+
+
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
     """The folder holding the four Fashion-MNIST idx files.
 
-    Looks in ``data_dir`` if given, else in /usr/share/datasets/fashion-mnist (the Debian/Ubuntu package
-    ``dataset-fashion-mnist``) and ~/.cache/biformer/fashion-mnist; if not found and ``download``, fetches
-    it there with torchvision.
+    Looks in ``data_dir`` if given, else in ``DIR/fashion-mnist`` for each folder of the dataset search path
+    (:func:`data_search_path`: ``$BIFORMER_DATA_PATH``, by default /usr/share/datasets, where the
+    Debian/Ubuntu package ``dataset-fashion-mnist`` installs it, then ~/.cache/biformer); each folder as is
+    or in torchvision's layout (``FashionMNIST/raw``). If not found and ``download``, fetches it with
+    torchvision into the last of those folders (by default ~/.cache/biformer/fashion-mnist); an empty search
+    path downloads nothing.
 
     Raises:
         DataError: not found (and not downloadable); the message says how to get it.
     """
-    candidates = [Path(data_dir).expanduser()] if data_dir else [folder.expanduser() for folder in FASHION_MNIST_DIRS]
+    candidates = fashion_mnist_folders(data_dir)
     for folder in candidates:
         for place in (folder, folder / "FashionMNIST" / "raw"):
             if _has_fashion_mnist(place):
                 return place
-    failure = ""
-    if download:
+    failure = " Nothing was downloaded: the search path is empty." if download and not candidates else ""
+    if download and candidates:
         target = candidates[-1]
         try:
             from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
@@ -131,12 +171,14 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool
         else:
             if _has_fashion_mnist(target / "FashionMNIST" / "raw"):
                 return target / "FashionMNIST" / "raw"
+    places = ", ".join(str(c) for c in candidates) if candidates else "no folder"
+    searched = "" if data_dir else f" ({_describe_search_path()})"
     raise DataError(
-        "Fashion-MNIST not found in " + ", ".join(str(c) for c in candidates) + "." + failure + " Get it with "
+        f"Fashion-MNIST not found in {places}{searched}.{failure} Get it with "
         "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or run with network access and "
         "--download (torchvision fetches it), or pass --data-dir DIR with the four idx files "
         "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-        "t10k-labels-idx1-ubyte.gz)."
+        f"t10k-labels-idx1-ubyte.gz), or put them in a folder fashion-mnist under a folder of {DATA_PATH_ENV}."
     )
 
 
