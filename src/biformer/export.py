@@ -29,6 +29,7 @@ __all__ = [
     "FORMATS",
     "ExportCheckError",
     "ExportResult",
+    "check_export_options",
     "export_model",
     "export_program",
     "fixed_backend",
@@ -184,6 +185,30 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, opse
 _WRITERS = {"onnx": _write_onnx, "torch-export": _write_program, "torchscript": _write_torchscript}
 
 
+def check_export_options(
+    path: str | os.PathLike, format: str | None = None, batch_size: int = 2, opset: int = DEFAULT_OPSET,
+    atol: float = 1e-4,
+) -> tuple[Path, str]:
+    """The checks of :func:`export_model` that need no model (the command runs them before building one);
+    returns the output path and the format (from the suffix when ``format`` is None).
+
+    Raises:
+        ValueError: a bad argument; FileNotFoundError: the output folder does not exist.
+    """
+    path = Path(path)
+    format = format or format_for_path(path)
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {tuple(FORMATS)}, got {format!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset: expected an integer >= {MIN_OPSET}, got {opset!r}")
+    _check_batch_size(batch_size)
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        raise ValueError(f"atol: expected a number >= 0, got {atol!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output: the folder {path.parent} does not exist")
+    return path, format
+
+
 def export_model(
     model: nn.Module,
     path: str | os.PathLike,
@@ -214,17 +239,7 @@ def export_model(
         ValueError: a bad argument; FileNotFoundError: the output folder does not exist; ImportError: the ONNX
         packages are missing; ExportCheckError: the file does not reproduce the model (nothing is written).
     """
-    path = Path(path)
-    format = format or format_for_path(path)
-    if format not in FORMATS:
-        raise ValueError(f"format: expected one of {tuple(FORMATS)}, got {format!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset: expected an integer >= {MIN_OPSET}, got {opset!r}")
-    _check_batch_size(batch_size)
-    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
-        raise ValueError(f"atol: expected a number >= 0, got {atol!r}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output: the folder {path.parent} does not exist")
+    path, format = check_export_options(path, format, batch_size, opset, atol)
     size = _image_size(model, image_size)
     temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..export import DEFAULT_OPSET, EXPORT_BACKEND, FORMATS, ExportCheckError, export_model
+from ..export import DEFAULT_OPSET, EXPORT_BACKEND, FORMATS, ExportCheckError, check_export_options, export_model
 from ..hub import load_model
 from ..ops import available_backends
 from .show_routing import positive_int
@@ -56,6 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     try:
+        # the options and the output folder first, then the model and its weights file
+        check_export_options(args.output, args.format, args.batch_size, args.opset, args.atol)
         model = load_model(args.model, args.checkpoint)
         if args.checkpoint is None and (args.model is None or not Path(args.model).is_dir()):
             print(f"biformer {COMMAND}: warning: no --checkpoint, exporting random weights", file=sys.stderr)

@@ -58,11 +58,18 @@ def run(args: argparse.Namespace) -> int:
     from ..train import ConfigError
     from ..train.inference import load_for_inference
 
+    # the options first, then the checkpoint, then the images
     if args.top_k < 1:
         return report_error("predict", ValueError(f"--top-k: expected an integer >= 1, got {args.top_k}"))
+    if not 0.0 <= args.score_threshold <= 1.0:
+        return report_error("predict", ValueError(f"--score-threshold: expected a score in [0, 1], got "
+                                                  f"{args.score_threshold}"))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        return report_error("predict", ValueError(f"--device: {error}"))
     try:
         loaded = load_for_inference(args.checkpoint, args.model_name, dict(device=args.device))
-        device = torch.device(args.device)
         model = loaded.model.to(device)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
         return report_error("predict", error)
@@ -96,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
 def _check_dense_arguments(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise ValueError(f"--score-threshold: expected a score in [0, 1], got {args.score_threshold}")
     stems = [Path(path).stem for path in args.images]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:

@@ -80,8 +80,8 @@ def output_path(output: str | None, image: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     try:
         output = output_path(args.output, args.image)
+        model = load_model(args.model, args.checkpoint)  # the model name and weights before the image is read
         image = open_image(args.image)
-        model = load_model(args.model, args.checkpoint)
         if args.checkpoint is None and (args.model is None or not Path(args.model).is_dir()):
             print(f"biformer {COMMAND}: warning: no --checkpoint, the weights are random: the picture shows an "
                   "untrained model's routing", file=sys.stderr)

@@ -124,7 +124,22 @@ def check_options(options: CompareOptions) -> None:
     if options.cost_model_kwargs is not None and "cost" not in options.tasks:
         raise ComparisonError(f"--cost-model-kwargs: sets the cost models only, and --tasks is "
                               f"{','.join(options.tasks)}")
+    _check_models(options)
     _check_output(Path(options.output))
+
+
+def _check_models(options: CompareOptions) -> None:
+    """The timm models of the cost and classification tasks exist (``--model``), before anything is read."""
+    import timm
+
+    import biformer  # noqa: F401  (registers the models with timm)
+
+    names = {options.cost_model} if "cost" in options.tasks else set()
+    names |= {options.train_model} if "classification" in options.tasks else set()
+    for name in sorted(names):
+        if name not in timm.list_models():
+            raise ComparisonError(f"--model: unknown timm model {name!r}; BiFormer models: "
+                                  f"{timm.list_models('biformer*')}")
 
 
 def _check_output(run_dir: Path) -> None:
@@ -205,8 +220,8 @@ def _training_plan(options: CompareOptions, run_dir: Path) -> list[tuple[dict[st
     if options.train_batch_size is not None:
         budget["batch_size"] = options.train_batch_size
     makers: dict[str, Callable[[str, int], dict[str, Any]]] = {}
+    data_dir = run_dir / "data" / "fashion-mnist"  # the training subset, written once every run is checked
     if "classification" in options.tasks:
-        data_dir = fashion_mnist_subset(run_dir / "data" / "fashion-mnist", options.train_samples, options.data_dir)
         makers["classification"] = lambda attn_type, seed: classification_config(
             attn_type, seed, data_dir, model=options.train_model, model_kwargs=options.model_kwargs,
             input_size=options.input_size, **budget)
@@ -221,6 +236,13 @@ def _training_plan(options: CompareOptions, run_dir: Path) -> list[tuple[dict[st
                 check_trainable(make(attn_type, options.seeds[0]))
             except (ValueError, RuntimeError) as error:  # ConfigError is a ValueError
                 raise ComparisonError(f"--attn-types: {attn_type!r} cannot be trained for {task}: {error}") from error
+    if "classification" in options.tasks:  # the data is read only now, after the options and the models
+        fashion_mnist_subset(data_dir, options.train_samples, options.data_dir)
+    elif "segmentation" in options.tasks:  # the scenes are composed later: find their crops before measuring
+        from ..dense.scenes import FASHION_MNIST_ENV
+        from ..train.data import find_fashion_mnist
+
+        find_fashion_mnist(options.data_dir or os.environ.get(FASHION_MNIST_ENV), download=False)
     return [(make(attn_type, seed), f"{task}-{attn_type}-seed{seed}")
             for task, make in makers.items() for seed in options.seeds for attn_type in options.attn_types]
 

@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
@@ -135,18 +136,51 @@ class DenseEngineTask(Task):
     def _dense_task(self, info: dict[str, Any]) -> SegmentationTask | DetectionTask:
         raise NotImplementedError
 
-    def build_model(self, info: dict[str, Any]) -> nn.Module:
-        self.dense = self._dense_task(info)
+    def check_options(self) -> None:
+        """``num_classes`` (maskfolder), ``input_size`` (scenes), the backbone, ``model_kwargs`` and the
+        ``pretrained`` file, before any data is read or scene composed: the model is built for placeholder
+        data (the scenes' 11 classes, ``num_classes``, or 2 for COCO, whose classes come from the annotations)
+        and the backbone weights are loaded into it. The global random generators are left as they were.
+
+        Raises:
+            ConfigError: naming the option.
+        """
+        config = self.config
+        if config.dataset == "maskfolder" and config.num_classes is None:
+            raise ConfigError("option 'num_classes': required for dataset 'maskfolder' (classes in the masks)")
+        if config.dataset == "scenes" and (config.input_size is None or config.input_size < 28):
+            raise ConfigError(f"option 'input_size': scenes need at least 28 px (a Fashion-MNIST crop), "
+                              f"got {config.input_size}")
+        if config.pretrained and not os.path.isfile(os.path.expanduser(config.pretrained)):
+            raise ConfigError(f"option 'pretrained': no such file: {config.pretrained}")
+        num_classes = {"scenes": 11, "maskfolder": config.num_classes}.get(config.dataset, 2)
+        info = dict(class_names=[f"class {index}" for index in range(num_classes)], num_classes=num_classes,
+                    in_chans=3, input_size=config.input_size)
+        with torch.random.fork_rng(devices=[]):
+            model = self._create_model(self._dense_task(info))
+            if config.pretrained:
+                try:
+                    load_backbone_weights(self._backbone(model), os.path.expanduser(config.pretrained))
+                except (FileNotFoundError, ValueError) as error:
+                    raise ConfigError(f"option 'pretrained': {error}") from error
+
+    def _backbone(self, model: nn.Module) -> nn.Module:
+        return model.backbone.body if self.name == "detection" else model.backbone
+
+    def _create_model(self, dense: SegmentationTask | DetectionTask) -> nn.Module:
         try:
-            model = self.dense.build_model()
+            return dense.build_model()
         except (TypeError, ValueError) as error:
             raise ConfigError(f"option 'model_kwargs': cannot build {self.architecture} on {self.config.model} "
                               f"with {self.config.model_kwargs}: {error}") from error
+
+    def build_model(self, info: dict[str, Any]) -> nn.Module:
+        self.dense = self._dense_task(info)
+        model = self._create_model(self.dense)
         if self.config.pretrained:
-            backbone = model.backbone.body if self.name == "detection" else model.backbone
-            load_backbone_weights(backbone, self.config.pretrained)
+            load_backbone_weights(self._backbone(model), self.config.pretrained)
         if self.config.grad_checkpointing:
-            (model.backbone.body if self.name == "detection" else model.backbone).set_grad_checkpointing(True)
+            self._backbone(model).set_grad_checkpointing(True)
         return model
 
     # --- loss and metrics ----------------------------------------------------------------------

@@ -170,7 +170,31 @@ class ClassificationTask(Task):
         return TaskData(train=train, eval=evaluation, collate_fn=collate_classification, info=info)
 
     # --- model ---------------------------------------------------------------------------------
-    def build_model(self, info: dict[str, Any]) -> nn.Module:
+    def check_options(self) -> None:
+        """The model name, ``model_kwargs``, ``in_chans`` and the ``pretrained`` file, before any data is read:
+        the model is built for placeholder data (10 classes; the class count comes from the data later) and
+        the weights are loaded into it. The global random generators are left as they were.
+
+        Raises:
+            ConfigError: naming the option.
+        """
+        config = self.config
+        in_chans = config.in_chans or (1 if config.dataset == "fashion-mnist" else 3)
+        if in_chans not in (1, 3):
+            raise ConfigError(f"option 'in_chans': images are read as 1 (L) or 3 (RGB) channels, got {in_chans}")
+        if config.pretrained and not os.path.isfile(os.path.expanduser(config.pretrained)):
+            raise ConfigError(f"option 'pretrained': no such file: {config.pretrained}")
+        info = dict(class_names=list(FashionMNIST.classes), in_chans=in_chans)
+        with torch.random.fork_rng(devices=[]):
+            model = self._create_model(info)
+            if config.pretrained:
+                try:
+                    load_pretrained(model, os.path.expanduser(config.pretrained))
+                except (FileNotFoundError, ValueError) as error:
+                    raise ConfigError(f"option 'pretrained': {error}") from error
+
+    def _create_model(self, info: dict[str, Any]) -> nn.Module:
+        """The timm model for ``info`` (class count and channels), with fresh weights."""
         config = self.config
         if config.model not in timm.list_models():
             raise ConfigError(
@@ -181,10 +205,14 @@ class ClassificationTask(Task):
         if config.drop_path:
             kwargs["drop_path_rate"] = config.drop_path
         try:
-            model = timm.create_model(config.model, num_classes=len(info["class_names"]),
-                                      in_chans=info["in_chans"], **kwargs)
+            return timm.create_model(config.model, num_classes=len(info["class_names"]),
+                                     in_chans=info["in_chans"], **kwargs)
         except (TypeError, ValueError, NotImplementedError) as error:
             raise ConfigError(f"option 'model_kwargs': cannot build {config.model} with {kwargs}: {error}") from error
+
+    def build_model(self, info: dict[str, Any]) -> nn.Module:
+        config = self.config
+        model = self._create_model(info)
         if config.pretrained:
             load_pretrained(model, config.pretrained)
         if config.grad_checkpointing:

@@ -152,6 +152,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.task: Task = get_task(config)
+        self.task.check_options()  # model name, model arguments, weights files: before the (slow) data loading
         self.run_dir = Path(run_dir) if run_dir else self._new_run_dir()
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.step_callbacks: list[Callable[[Trainer], None]] = []
@@ -159,6 +160,7 @@ class Trainer:
         self._check_run_dir()
         self._check_scale_options()
         check_writable_folder(self.run_dir, "--resume" if resume else "output")  # before the (slow) data loading
+        resume_state = self._newest_state() if resume else None  # the training state is read before the data
 
         seed_everything(config.seed)  # the same initial weights on every rank
         self.data: TaskData = self.task.build_data(("train", "eval"))
@@ -209,7 +211,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._resumed_elapsed: float | None = None  # seconds trained before a recovery checkpoint
         if resume:
-            self._load_state()
+            self._load_state(resume_state)
 
     # --- setup ---------------------------------------------------------------------------------
     def _new_run_dir(self) -> Path:
@@ -278,8 +280,8 @@ class Trainer:
                              f"are unreadable and no epoch was completed): start the run again")
         return state, state_path
 
-    def _load_state(self) -> None:
-        state, path = self._newest_state()
+    def _load_state(self, newest: tuple[dict[str, Any], Path] | None = None) -> None:
+        state, path = newest if newest is not None else self._newest_state()
         self.resumed_from = path
         inside = state.get("inside_epoch")
         if inside is not None and int(inside["world_size"]) != self.dist.world_size:

@@ -9,6 +9,9 @@ The engine (:mod:`biformer.train.engine`) knows nothing about images or labels. 
   weights file alone.
 - ``build_model(info)`` -> ``nn.Module``: the network for that data (fine-tuning weights loaded when the
   configuration says so).
+- ``check_options()`` (optional): called by the engine before any data is read; raises ConfigError (naming the
+  option) for a model name, model arguments or weights file that :meth:`build_model` would refuse later, so
+  that a mistyped option is reported at once and not after the data has been read.
 - ``training_loss(model, batch)`` -> ``(loss, batch_size)``: the scalar loss of one batch (already on the
   device), with any batch-level augmentation (mixup) applied inside. ``model`` may be wrapped in
   DistributedDataParallel: call it, do not reach into it.
@@ -95,6 +98,10 @@ class Task(abc.ABC):
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+
+    def check_options(self) -> None:  # noqa: B027 - optional hook
+        """Refuse options that :meth:`build_model` would refuse, before any data is read (see the module doc).
+        The default checks nothing."""
 
     @abc.abstractmethod
     def build_data(self, splits: tuple[str, ...] = ("train", "eval"), info: dict[str, Any] | None = None) -> TaskData:
