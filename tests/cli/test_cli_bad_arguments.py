@@ -61,7 +61,7 @@ def test_missing_arguments_and_bad_values(arguments, message, capsys):
          "biformer predict: error: checkpoint: no such file: ABSENT/w.safetensors"),
         (["show-routing", "ABSENT/x.png", "--point", "1,1"], 1,
          "biformer show-routing: error: image: no such file: ABSENT/x.png"),
-        (["export", "-o", "ABSENT/../m.onnx", "--checkpoint", "ABSENT/w.pth"], 1,
+        (["export", "-o", "m.onnx", "--checkpoint", "ABSENT/w.pth"], 1,
          "biformer export: error: checkpoint: no such file: ABSENT/w.pth"),
         (["train", "--config", "ABSENT/c.yaml"], 2, "biformer train: error: --config: no such file: ABSENT/c.yaml"),
         (["train", "--resume", "ABSENT"], 2, "biformer train: error: --resume: ABSENT is not a run folder"),
@@ -78,7 +78,8 @@ def test_train_with_a_missing_pretrained_file(tmp_path, capsys):
     flags = as_flags(micro_options(dataset="imagefolder", data_dir=str(data), output=str(tmp_path), name="run",
                                    pretrained=str(tmp_path / "absent.pth")))
     assert main(["train", *flags]) == 2
-    assert capsys.readouterr().err == f"biformer train: error: checkpoint: no such file: {tmp_path / 'absent.pth'}\n"
+    expected = f"biformer train: error: option 'pretrained': no such file: {tmp_path / 'absent.pth'}\n"
+    assert capsys.readouterr().err == expected
 
 
 def test_train_with_unreadable_or_foreign_weights_gives_one_line(tmp_path, capsys):
@@ -87,11 +88,11 @@ def test_train_with_unreadable_or_foreign_weights_gives_one_line(tmp_path, capsy
     (tmp_path / "truncated.safetensors").write_bytes(b"\x00" * 20)
     assert main(["train", *as_flags({**values, "pretrained": str(tmp_path / "truncated.safetensors")})]) == 2
     assert capsys.readouterr().err.startswith(
-        f"biformer train: error: checkpoint: cannot read {tmp_path / 'truncated.safetensors'} as weights")
+        f"biformer train: error: option 'pretrained': cannot read {tmp_path / 'truncated.safetensors'} as weights")
     torch.save({"model": {"stem.weight": torch.zeros(2, 2)}}, tmp_path / "foreign.pth")
     assert main(["train", *as_flags({**values, "pretrained": str(tmp_path / "foreign.pth")})]) == 2
     assert capsys.readouterr().err.startswith(
-        f"biformer train: error: pretrained: {tmp_path / 'foreign.pth'} does not fit BiFormer")
+        f"biformer train: error: option 'pretrained': {tmp_path / 'foreign.pth'} does not fit BiFormer")
 
     assert main(["train", *as_flags({**values, "name": "run"})]) == 0
     state = tmp_path / "run" / "checkpoints" / "training-state.pt"

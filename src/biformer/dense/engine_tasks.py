@@ -162,7 +162,8 @@ class DenseEngineTask(Task):
                 try:
                     load_backbone_weights(self._backbone(model), os.path.expanduser(config.pretrained))
                 except (FileNotFoundError, ValueError) as error:
-                    raise ConfigError(f"option 'pretrained': {error}") from error
+                    message = str(error).removeprefix("pretrained: ").removeprefix("checkpoint: ")
+                    raise ConfigError(f"option 'pretrained': {message}") from error
 
     def _backbone(self, model: nn.Module) -> nn.Module:
         return model.backbone.body if self.name == "detection" else model.backbone

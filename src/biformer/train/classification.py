@@ -191,7 +191,8 @@ class ClassificationTask(Task):
                 try:
                     load_pretrained(model, os.path.expanduser(config.pretrained))
                 except (FileNotFoundError, ValueError) as error:
-                    raise ConfigError(f"option 'pretrained': {error}") from error
+                    message = str(error).removeprefix("pretrained: ").removeprefix("checkpoint: ")
+                    raise ConfigError(f"option 'pretrained': {message}") from error
 
     def _create_model(self, info: dict[str, Any]) -> nn.Module:
         """The timm model for ``info`` (class count and channels), with fresh weights."""
