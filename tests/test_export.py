@@ -302,3 +302,21 @@ def test_dynamic_every_registered_model(name, tmp_path):
     """Every registered model (random weights) at the full list of sizes (biformer_stl_nchw: fixed sizes only)."""
     model = timm.create_model(name)
     check_dynamic_export(model, tmp_path, [(160, 160), (224, 224), (256, 320), (301, 419), (512, 512), (800, 608)])
+
+
+def test_legacy_exporter_at_a_fixed_size_with_the_gather_backend(model, tmp_path):
+    """The TorchScript-based exporter (dynamo=False) is not the supported one, but works at a fixed size once
+    BRA runs the gather backend (the dense backend's in-place scatter_ stops it)."""
+    import warnings
+
+    path = tmp_path / "legacy.onnx"
+    x = images(2)
+    with warnings.catch_warnings(), fixed_backend(model, "gather"), torch.enable_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["images"],
+                          output_names=["output"], dynamic_axes={"images": {0: "batch"}})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x),
+                                   atol=1e-4, rtol=0)
