@@ -12,13 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import timm
 import torch.nn as nn
 
-from ..checkpoint import read_state_dict
 from ..export import DEFAULT_MAX_SIZE, DEFAULT_OPSET, EXPORT_BACKEND, FORMATS, ExportCheckError, export_model
 from ..hub import load_model
-from ..models import MODEL_NAMES
 from ..ops import available_backends
 from .show_routing import positive_int
 
@@ -67,21 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def build_model(name: str | None, checkpoint: str | None) -> nn.Module:
-    """The model to export, from ``--model`` and ``--checkpoint`` (one call, so that a loader taking any
-    checkpoint can replace it). Every model registered with timm under ``biformer*`` is accepted; the ones
-    :func:`biformer.hub.load_model` does not know (``biformer_nano``) are built by timm and take a weight file
-    (``.pth`` / ``.safetensors``) loaded strictly."""
-    if name is None or name in MODEL_NAMES or Path(name).is_dir() or name not in timm.list_models("biformer*"):
-        return load_model(name, checkpoint)
-    model = timm.create_model(name)
-    if checkpoint is not None:
-        if Path(checkpoint).is_dir():
-            raise ValueError(f"checkpoint: a model folder holds its own architecture; pass it as --model {checkpoint}")
-        try:
-            model.load_state_dict(read_state_dict(Path(checkpoint)), strict=True)
-        except RuntimeError as error:  # missing / unexpected keys, shapes
-            raise ValueError(f"checkpoint {checkpoint} does not fit {name}: {error}") from error
-    return model
+    """The model to export, from ``--model`` and ``--checkpoint``: one call, so that a loader taking any
+    checkpoint can replace it. Every registered model name is accepted (``biformer_nano`` included)."""
+    return load_model(name, checkpoint)
 
 
 def run(args: argparse.Namespace) -> int:
