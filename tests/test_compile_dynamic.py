@@ -2,7 +2,8 @@
 
 NATTEN-style: after the first (dynamic) compilation, ``recompile_limit=1`` with ``fail_on_recompile_limit_hit``
 and ``error_on_recompile`` make any further compilation fail the test, for inference and for training steps.
-Tiny models at small sizes (each first compilation still takes tens of seconds on CPU).
+Tiny models at small sizes, compiled with the ``aot_eager`` backend: the guards that decide a recompilation are
+dynamo's and the same for every backend, and inductor's code generation would add minutes on CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def tiny_biformer(**kwargs) -> biformer.BiFormer:
     torch.manual_seed(0)
     return biformer.BiFormer(
         depth=[1, 1, 1, 1], embed_dim=[16, 32, 32, 32], qk_dims=[16, 32, 32, 32], head_dim=16, n_win=2,
-        topks=[1, 2, 4, -2], mlp_ratios=[2, 2, 2, 2], num_classes=5, auto_pad=True, **kwargs,
+        topks=[1, 2, -2, -2], mlp_ratios=[2, 2, 2, 2], num_classes=5, auto_pad=True, **kwargs,
     )
 
 
@@ -31,11 +32,10 @@ def no_recompiles():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["n_win", "region_size"])
-def test_inference_compiles_once_for_every_size(policy):
+def test_inference_compiles_once_for_every_size():
     torch._dynamo.reset()
-    model = tiny_biformer(**({"region_sizes": [4, 2, 2, None]} if policy == "region_size" else {})).eval()
-    counter = CompileCounterWithBackend("inductor")
+    model = tiny_biformer().eval()
+    counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, dynamic=True, backend=counter)
     with torch.no_grad():
         first = torch.randn(2, 3, *SIZES[0])
