@@ -161,3 +161,162 @@ def test_bad_inputs(model, tmp_path, kwargs, error, match):
 def test_format_for_path():
     assert [format_for_path(p) for p in ("a.onnx", "a.PT2", "a.pt", "a.ts")] == [
         "onnx", "torch-export", "torchscript", "torchscript"]
+
+
+# --- dynamic height and width ----------------------------------------------------------------------------
+# Sizes none of the files was traced at (the example is chosen by export_model, checked below): square and not,
+# not multiples of the region grid, the smallest accepted size and a larger one.
+DYNAMIC_SIZES = [(113, 113), (160, 160), (224, 224), (150, 203), (301, 257), (416, 320)]
+
+
+def dynamic_images(size, batch=2):
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
+
+
+@pytest.fixture(scope="module")
+def dynamic_files(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dynamic")
+    return {fmt: export_model(model, folder / f"micro{suffix}", dynamic_size=True)
+            for fmt, suffix in (("onnx", ".onnx"), ("torch-export", ".pt2"))}
+
+
+def test_dynamic_size_range_follows_the_region_grid(model):
+    from biformer.export import dynamic_size_range
+
+    # n_win 7: stage 3 (stride 16) needs maps of 8 tokens (regions of 2) -> 113 px
+    assert dynamic_size_range(model) == (113, 4096)
+    fixed = timm.create_model("biformer_tiny", **MICRO, region_sizes=[8, 4, 2, None])
+    # region_size 2 in stage 3 with topk 16: a grid of 4 x 4 regions, maps of 7 tokens -> 97 px
+    assert dynamic_size_range(fixed, max_size=1024) == (97, 1024)
+
+
+def test_dynamic_files_match_eager_at_sizes_not_exported(model, dynamic_files):
+    onnx_result, program_result = dynamic_files["onnx"], dynamic_files["torch-export"]
+    for result in (onnx_result, program_result):
+        assert result.size_range == (113, 4096) and result.max_abs_diff <= 1e-4
+        assert result.image_size not in DYNAMIC_SIZES and len(result.checked_sizes) == 2
+    graph = onnx.load(str(onnx_result.path)).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True]  # batch, 3, height, width
+    session = onnxruntime.InferenceSession(str(onnx_result.path), providers=["CPUExecutionProvider"])
+    program = torch.export.load(program_result.path).module()
+    for size in DYNAMIC_SIZES:
+        x = dynamic_images(size, batch=1 + size[0] % 3)
+        with torch.no_grad():
+            expected = model(x)
+            from_program = program(x)
+        assert expected.abs().max() > 0.5
+        (from_onnx,) = session.run(None, {"images": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(from_onnx), expected, atol=1e-4, rtol=0, msg=f"onnx at {size}")
+        torch.testing.assert_close(from_program, expected, atol=1e-4, rtol=0, msg=f"pt2 at {size}")
+
+
+def test_dynamic_files_outside_the_range(model, dynamic_files):
+    """Below the range the .pt2 refuses the input with a message naming the bound; the ONNX graph has no such
+    check and still computes the model (it has no size-specific branch), as checked here."""
+    program = torch.export.load(dynamic_files["torch-export"].path).module()
+    x = dynamic_images((64, 96))
+    with pytest.raises(Exception, match=r"size\(\)\[2\] >= 113"):
+        program(x)
+    session = onnxruntime.InferenceSession(str(dynamic_files["onnx"].path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), expected,
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(path="m.pt", dynamic_size=True), ValueError, "format: dynamic_size needs one of"),
+        (dict(path="m.pt2", dynamic_size=True, image_size=224), ValueError, "image_size: a file exported with "
+                                                                            "dynamic_size takes every size"),
+        (dict(path="m.pt2", dynamic_size=True, max_size=64), ValueError, "max_size: no image size up to 64"),
+        (dict(path="m.pt2", dynamic_size="yes"), ValueError, "dynamic_size: expected True or False"),
+    ],
+)
+def test_dynamic_bad_inputs(model, tmp_path, kwargs, error, match):
+    kwargs = dict(kwargs, path=tmp_path / kwargs["path"])
+    with pytest.raises(error, match=match):
+        export_model(model, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dynamic_size_needs_auto_pad_and_refuses_stl_nchw(tmp_path):
+    unpadded = timm.create_model("biformer_tiny", **MICRO, auto_pad=False)
+    with pytest.raises(ValueError, match="auto_pad=False"):
+        export_model(unpadded, tmp_path / "m.pt2", dynamic_size=True)
+    nchw = timm.create_model("biformer_stl_nchw", depth=[1, 1, 1, 1], embed_dim=[32, 64, 96, 128], num_classes=10)
+    with pytest.raises(ValueError, match="biformer_stl_nchw's BRA"):
+        export_model(nchw, tmp_path / "m.pt2", dynamic_size=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def check_dynamic_export(model, tmp_path, sizes, formats=("onnx", "torch-export")):
+    """Export ``model`` with dynamic H and W, run each file at ``sizes`` and compare with eager (1e-4)."""
+    model = model.eval()
+    for fmt in formats:
+        result = export_model(model, tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt2"), dynamic_size=True)
+        if fmt == "onnx":
+            session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+
+            def run(x, session=session):
+                return [torch.from_numpy(a) for a in session.run(None, {"images": x.numpy()})]
+        else:
+            program = torch.export.load(result.path).module()
+
+            def run(x, program=program):
+                out = program(x)
+                return list(out) if isinstance(out, (list, tuple)) else [out]
+        for size in sizes:
+            x = dynamic_images(size)
+            with torch.no_grad():
+                expected = model(x)
+                expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+                got = run(x)
+            assert len(got) == len(expected)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, atol=1e-4, rtol=0, msg=f"{fmt} at {size}")
+
+
+@pytest.mark.slow
+def test_dynamic_region_size_policy(model, tmp_path):
+    """Regions of a fixed size (the grid follows the image): the grid is symbolic, topk a constant."""
+    fixed = timm.create_model("biformer_tiny", **MICRO, region_sizes=[8, 4, 2, None])
+    fixed.load_state_dict(model.state_dict())
+    check_dynamic_export(fixed, tmp_path, [(97, 97), (160, 160), (256, 320), (301, 419), (512, 512), (800, 608)])
+
+
+@pytest.mark.slow
+def test_dynamic_features_only_backbone(model, tmp_path):
+    """The four stage maps (strides 4-32) of the features_only backbone, for detection and segmentation."""
+    backbone = timm.create_model("biformer_tiny", **MICRO, features_only=True)
+    backbone.load_state_dict(model.state_dict(), strict=False)
+    check_dynamic_export(backbone, tmp_path, [(113, 120), (160, 160), (256, 320), (301, 419), (512, 512),
+                                              (800, 608)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in timm.list_models("biformer*") if n != "biformer_stl_nchw"])
+def test_dynamic_every_registered_model(name, tmp_path):
+    """Every registered model (random weights) at the full list of sizes (biformer_stl_nchw: fixed sizes only)."""
+    model = timm.create_model(name)
+    check_dynamic_export(model, tmp_path, [(160, 160), (224, 224), (256, 320), (301, 419), (512, 512), (800, 608)])
+
+
+def test_legacy_exporter_at_a_fixed_size_with_the_gather_backend(model, tmp_path):
+    """The TorchScript-based exporter (dynamo=False) is not the supported one, but works at a fixed size once
+    BRA runs the gather backend (the dense backend's in-place scatter_ stops it)."""
+    import warnings
+
+    path = tmp_path / "legacy.onnx"
+    x = images(2)
+    with warnings.catch_warnings(), fixed_backend(model, "gather"), torch.enable_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["images"],
+                          output_names=["output"], dynamic_axes={"images": {0: "batch"}})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x),
+                                   atol=1e-4, rtol=0)

@@ -29,7 +29,7 @@ def test_onnx(folder, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "wrote" in captured.out and "64x64 images, dynamic batch size" in captured.out
-    assert "checked on a batch of 3: max abs difference" in captured.out
+    assert "checked on a batch of 3 at 64x64: max abs difference" in captured.out
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -58,6 +58,8 @@ def test_torchscript_non_square_without_check(folder, tmp_path, capsys):
         (["-o", "OUT/missing/m.onnx"], "does not exist"),
         (["-o", "OUT/m.onnx", "--batch-size", "1"], "batch_size: expected an integer >= 2"),
         (["-o", "OUT/m.onnx", "--model", "resnet50", "--checkpoint", "OUT/w.pth"], "model: expected one of"),
+        (["-o", "OUT/m.pt2", "--dynamic-size", "--image-size", "224"], "--image-size: a --dynamic-size file takes"),
+        (["-o", "OUT/m.pt", "--dynamic-size"], "format: dynamic_size needs one of ('onnx', 'torch-export')"),
     ],
 )
 def test_bad_inputs(folder, tmp_path, capsys, arguments, message):
@@ -107,3 +109,42 @@ def test_usage_errors(capsys, arguments, message):
         main(["export", *arguments])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_dynamic_size(folder, tmp_path, capsys):
+    output = tmp_path / "micro.pt2"
+    code = main(["export", "--model", str(folder), "-o", str(output), "--dynamic-size", "--max-size", "1024"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "(torch-export, any height and width from 113 to 1024 px, dynamic batch size)" in captured.out
+    assert "checked on a batch of 3 at 113x116, " in captured.out
+    program = torch.export.load(output).module()
+    model = load_pretrained(folder).eval()
+    for size in ((150, 203), (224, 224)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), atol=1e-4, rtol=0)
+
+
+def test_every_registered_model_name_is_accepted(tmp_path, capsys):
+    """biformer_nano (registered with timm, no released weights) exports by name, with or without weights."""
+    model = timm.create_model("biformer_nano", num_classes=1000)
+    weights = tmp_path / "nano.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    output = tmp_path / "nano.pt2"
+    code = main(["export", "--model", "biformer_nano", "--checkpoint", str(weights), "-o", str(output),
+                 "--image-size", "64"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(output).module()(x), model.eval()(x), atol=1e-5, rtol=0)
+    code = main(["export", "--model", "biformer_nano", "--checkpoint", str(folder_of_wrong_weights(tmp_path)),
+                 "-o", str(tmp_path / "bad.pt2")])
+    assert code == 1 and "does not fit biformer_nano" in capsys.readouterr().err
+
+
+def folder_of_wrong_weights(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save({"model": {"head.weight": torch.zeros(3, 3)}}, path)
+    return path

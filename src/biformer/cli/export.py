@@ -1,7 +1,9 @@
 """``biformer export``: write a model as ONNX, a torch.export program (.pt2) or a TorchScript trace (.pt).
 
-The image size is fixed in the file, the batch size is dynamic. The file is checked against the eager model on
-a batch of another size (ONNX through onnxruntime on CPU) and written only if it matches.
+The batch size is dynamic. The image size is fixed in the file, or with ``--dynamic-size`` (ONNX, .pt2) any
+height and width in the range the command prints. The file is checked against the eager model on a batch of
+another size (ONNX through onnxruntime on CPU) and written only if it matches. ONNX files come from torch's
+dynamo exporter (``torch.onnx.export(..., dynamo=True)``), the one supported here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..export import DEFAULT_OPSET, EXPORT_BACKEND, FORMATS, ExportCheckError, check_export_options, export_model
+import torch.nn as nn
+
+from ..export import (
+    DEFAULT_MAX_SIZE,
+    DEFAULT_OPSET,
+    EXPORT_BACKEND,
+    FORMATS,
+    ExportCheckError,
+    check_export_options,
+    export_model,
+)
 from ..hub import load_model
 from ..ops import available_backends
 from .show_routing import positive_int
@@ -50,27 +62,47 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"attention backend in the exported graph (default {EXPORT_BACKEND})")
     parser.add_argument("--atol", type=float, default=1e-4, help="tolerance of the check (default 1e-4)")
     parser.add_argument("--no-check", action="store_true", help="skip running the file against the eager model")
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="height and width dynamic too (ONNX, .pt2): the file takes every size in the printed "
+                             "range; not with --image-size")
+    parser.add_argument("--max-size", type=positive_int, default=DEFAULT_MAX_SIZE,
+                        help=f"largest height and width of a --dynamic-size file (default {DEFAULT_MAX_SIZE})")
     parser.set_defaults(run=run)
     return parser
 
 
+def build_model(name: str | None, checkpoint: str | None) -> nn.Module:
+    """The model to export, from ``--model`` and ``--checkpoint``: one call, so that a loader taking any
+    checkpoint can replace it. Every registered model name is accepted (``biformer_nano`` included)."""
+    return load_model(name, checkpoint)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.dynamic_size and args.image_size is not None:
+            raise ValueError("--image-size: a --dynamic-size file takes every size in its range; leave it out")
         # the options and the output folder first, then the model and its weights file
-        check_export_options(args.output, args.format, args.batch_size, args.opset, args.atol)
-        model = load_model(args.model, args.checkpoint)
+        check_export_options(args.output, args.format, args.batch_size, args.opset, args.atol, args.dynamic_size)
+        model = build_model(args.model, args.checkpoint)
         if args.checkpoint is None and (args.model is None or not Path(args.model).is_dir()):
             print(f"biformer {COMMAND}: warning: no --checkpoint, exporting random weights", file=sys.stderr)
         result = export_model(
             model, args.output, format=args.format, image_size=args.image_size, batch_size=args.batch_size,
             opset=args.opset, backend=args.backend, check=not args.no_check, atol=args.atol,
+            dynamic_size=args.dynamic_size, max_size=args.max_size,
         )
     except (ValueError, OSError, ImportError, ExportCheckError) as error:
         print(f"biformer {COMMAND}: error: {error}", file=sys.stderr)
         return 1
-    height, width = result.image_size
-    print(f"wrote {result.path} ({result.format}, {height}x{width} images, dynamic batch size)")
+    if result.size_range is not None:
+        smallest, largest = result.size_range
+        print(f"wrote {result.path} ({result.format}, any height and width from {smallest} to {largest} px, "
+              f"dynamic batch size)")
+    else:
+        height, width = result.image_size
+        print(f"wrote {result.path} ({result.format}, {height}x{width} images, dynamic batch size)")
     if result.max_abs_diff is not None:
-        print(f"checked on a batch of {result.check_batch_size}: max abs difference to the eager model "
+        sizes = ", ".join(f"{h}x{w}" for h, w in result.checked_sizes)
+        print(f"checked on a batch of {result.check_batch_size} at {sizes}: max abs difference to the eager model "
               f"{result.max_abs_diff:.2e}")
     return 0

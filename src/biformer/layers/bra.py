@@ -19,6 +19,7 @@ from ..ops.regions import (
     head_regions_to_image,
     image_to_head_regions,
     image_to_regions,
+    is_symbolic,
     pad_bottom_right,
     regions_to_image,
 )
@@ -172,7 +173,10 @@ class BiLevelRoutingAttention(nn.Module):
         height, width = x.shape[1], x.shape[2]
         x, grid_h, grid_w = self._pad_to_grid(x)
         region_h, region_w = x.shape[1] // grid_h, x.shape[2] // grid_w
-        topk = min(self.topk, grid_h * grid_w)
+        # A symbolic grid (fixed region_size, exported with dynamic H and W) keeps topk the constant self.topk:
+        # the graph then needs at least topk regions (its TopK raises otherwise), never a size-dependent k.
+        symbolic_grid = isinstance(grid_h, torch.SymInt) or isinstance(grid_w, torch.SymInt)
+        topk = self.topk if symbolic_grid else min(self.topk, grid_h * grid_w)
         backend = resolve_backend(
             self.backend, num_regions=grid_h * grid_w, topk=topk, tokens_per_region=region_h * region_w,
             device=x.device, needs_grad=torch.is_grad_enabled() and (x.requires_grad or self.wo.weight.requires_grad),
@@ -182,7 +186,11 @@ class BiLevelRoutingAttention(nn.Module):
         attend = self._attend_region_layout if backend_layout(backend) == REGION_LAYOUT else self._attend_head_layout
         out, topk_index = attend(qkv, grid_h, grid_w, topk, backend)  # (N, H, W, C) attention + LCE
         out = self.wo(out)
-        if out.shape[1] != height or out.shape[2] != width:
+        if is_symbolic(height, width):
+            # Crop with a copy (index_select): a slice would make the graph assume there was padding.
+            out = out.index_select(1, torch.arange(height, device=out.device))
+            out = out.index_select(2, torch.arange(width, device=out.device))
+        elif out.shape[1] != height or out.shape[2] != width:
             out = out[:, :height, :width, :].contiguous()
         if self.routing_sink is not None:
             records, name = self.routing_sink

@@ -10,6 +10,12 @@ import torch
 import torch.nn.functional as F
 
 
+def is_symbolic(*sizes: int) -> bool:
+    """Whether sizes may be symbolic (under ``torch.compile`` / ``torch.export``, or any of ``sizes`` is a
+    ``torch.SymInt``): code then takes its branch-free path (the same numbers) instead of branching on them."""
+    return torch.compiler.is_compiling() or any(isinstance(size, torch.SymInt) for size in sizes)
+
+
 def pad_bottom_right(x: torch.Tensor, multiple_h: int, multiple_w: int) -> tuple[torch.Tensor, int, int]:
     """Zero-pad an NHWC map at the bottom/right so H and W become multiples.
 
@@ -22,9 +28,11 @@ def pad_bottom_right(x: torch.Tensor, multiple_h: int, multiple_w: int) -> tuple
         the padded map (N, H + pad_h, W + pad_w, C), pad_h, pad_w.
     """
     height, width = x.shape[1], x.shape[2]
-    pad_h = (multiple_h - height % multiple_h) % multiple_h
-    pad_w = (multiple_w - width % multiple_w) % multiple_w
-    if pad_h or pad_w:
+    # ceil(H / m) * m - H (the same as (m - H % m) % m): written so that, with a symbolic H (torch.export,
+    # torch.compile(dynamic=True)), the padded size is visibly ``m * ceil(H / m)`` and nothing guards on H.
+    pad_h = (height + multiple_h - 1) // multiple_h * multiple_h - height
+    pad_w = (width + multiple_w - 1) // multiple_w * multiple_w - width
+    if is_symbolic(pad_h, pad_w) or pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x, pad_h, pad_w
 
