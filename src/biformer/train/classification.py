@@ -20,6 +20,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.models import adapt_input_conv
 
 from ..checkpoint import read_state_dict
+from ..model_files import check_model_kwargs
 from .config import ConfigError, TrainConfig
 from .data import (
     FASHION_MNIST_MEAN,
@@ -177,7 +178,10 @@ class ClassificationTask(Task):
                 f"option 'model': unknown timm model {config.model!r}; BiFormer models: "
                 f"{timm.list_models('biformer*')}"
             )
-        kwargs = dict(config.model_kwargs)
+        try:
+            kwargs = check_model_kwargs(config.model, config.model_kwargs, "option 'model_kwargs'")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         if config.drop_path:
             kwargs["drop_path_rate"] = config.drop_path
         try:
