@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ..images import ImageError
     from ..train import ConfigError, Trainer, load_config, load_yaml
     from ..train.data import DataError
+    from ..train.resume import check_resume_values
 
     if getattr(args, "list_configs", False):
         return _list_configs()
@@ -119,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
             layers.append((load_yaml(resolve_config(args.config)), args.config))
         layers.append((given_config_values(args), "flags"))
+        if run_dir is not None:  # every option given on resume applies or is refused, never silently ignored
+            check_resume_values(layers[0][0], {k: v for values, _ in layers[1:] for k, v in values.items()},
+                                str(run_dir))
         config = load_config(*layers)
         with Trainer(config, resume=run_dir is not None, run_dir=run_dir) as trainer:
             trainer.fit()
