@@ -208,7 +208,8 @@ class BiLevelRoutingAttention(nn.Module):
             query.mean(dim=2), key_value[..., : self.qk_dim].mean(dim=2), topk, self.scale
         )  # (N, S*S, topk)
         out = routed_attention(
-            query, key_value, topk_index, num_heads=self.num_heads, scale=self.scale, backend=backend
+            query, key_value, topk_index, num_heads=self.num_heads, scale=self.scale, backend=backend,
+            check_index=False,
         )  # (N, S*S, h*w, C)
         out = regions_to_image(out, grid_h, grid_w, region_h, region_w)  # (N, H, W, C)
         local_context = self._local_context(qkv)
@@ -227,7 +228,8 @@ class BiLevelRoutingAttention(nn.Module):
             query, key = image_to_head_regions(qkv[..., : 2 * qk_dim], grid_h, grid_w, heads, parts=2)
             value = image_to_head_regions(qkv[..., 2 * qk_dim :], grid_h, grid_w, heads)[0]
         topk_index = route_regions(head_region_means(query), head_region_means(key), topk, self.scale)  # (N, R, topk)
-        out = routed_attention_heads(query, key, value, topk_index, scale=self.scale, backend=backend)
+        out = routed_attention_heads(query, key, value, topk_index, scale=self.scale, backend=backend,
+                                     check_index=False)  # from topk: valid by construction
         out = head_regions_to_image(
             out, grid_h, grid_w, region_h, region_w, add_to=self._local_context(qkv)
         )  # (N, H, W, C)
