@@ -7,6 +7,7 @@ a batch of another size (ONNX through onnxruntime on CPU) and written only if it
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ..export import DEFAULT_OPSET, EXPORT_BACKEND, FORMATS, ExportCheckError, e
 from ..hub import load_model
 from ..ops import available_backends
 from .show_routing import positive_int
+from .train import one_line
 
 COMMAND = "export"
 
@@ -30,6 +32,31 @@ def parse_image_size(text: str) -> int | tuple[int, int]:
     return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
 
+MAX_EXAMPLE_BATCH = 64
+
+
+def example_batch(text: str) -> int:
+    """``--batch-size``: at most ``MAX_EXAMPLE_BATCH`` (the example only shapes the graph; the batch stays dynamic;
+    below 2 the export itself refuses it)."""
+    value = positive_int(text)
+    if value > MAX_EXAMPLE_BATCH:
+        raise argparse.ArgumentTypeError(f"expected an example batch of at most {MAX_EXAMPLE_BATCH} (the exported "
+                                         f"batch size stays dynamic), got {text!r}")
+    return value
+
+
+def check_output_file(text: str) -> None:
+    """Refuse, before any work, an output that is a folder or lies in a folder that is missing or read-only."""
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise ValueError(f"--output: {text} is a folder; expected a file path such as {path / 'model.onnx'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"--output: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output: the folder {folder} is not writable")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         COMMAND,
@@ -43,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--checkpoint", help="weights: the authors' .pth, a .safetensors file or a Hub-layout folder "
                                              "(without it the weights are random)")
     parser.add_argument("--image-size", type=parse_image_size, help="SIZE or HxW (default: the model's, 224)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="example batch (>= 2; stays dynamic)")
+    parser.add_argument("--batch-size", type=example_batch, default=2, help="example batch (>= 2; stays dynamic)")
     parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 17, default "
                                                                                   f"{DEFAULT_OPSET})")
     parser.add_argument("--backend", default=EXPORT_BACKEND, choices=available_backends()[1:],
@@ -56,6 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_output_file(args.output)
         model = load_model(args.model, args.checkpoint)
         if args.checkpoint is None and (args.model is None or not Path(args.model).is_dir()):
             print(f"biformer {COMMAND}: warning: no --checkpoint, exporting random weights", file=sys.stderr)
@@ -64,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             opset=args.opset, backend=args.backend, check=not args.no_check, atol=args.atol,
         )
     except (ValueError, OSError, ImportError, ExportCheckError) as error:
-        print(f"biformer {COMMAND}: error: {error}", file=sys.stderr)
+        print(f"biformer {COMMAND}: error: {one_line(str(error))}", file=sys.stderr)
         return 1
     height, width = result.image_size
     print(f"wrote {result.path} ({result.format}, {height}x{width} images, dynamic batch size)")

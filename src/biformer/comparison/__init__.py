@@ -124,7 +124,27 @@ def check_options(options: CompareOptions) -> None:
     if options.cost_model_kwargs is not None and "cost" not in options.tasks:
         raise ComparisonError(f"--cost-model-kwargs: sets the cost models only, and --tasks is "
                               f"{','.join(options.tasks)}")
+    _check_models(options)
     _check_output(Path(options.output))
+
+
+def _check_models(options: CompareOptions) -> None:
+    """--model is a timm model; --model-kwargs / --cost-model-kwargs hold its architecture arguments only."""
+    import timm
+
+    from ..model_files import check_model_kwargs
+
+    for option, name in (("--model", options.cost_model), ("--model", options.train_model)):
+        if name is not None and not timm.is_model(name):
+            raise ComparisonError(f"{option}: unknown timm model {name!r}; BiFormer models: "
+                                  f"{timm.list_models('biformer*')}")
+    for option, name, kwargs in (("--cost-model-kwargs", options.cost_model, options.cost_model_kwargs),
+                                 ("--model-kwargs", options.train_model, options.model_kwargs)):
+        if kwargs is not None:
+            try:
+                check_model_kwargs(name, kwargs, option)
+            except ValueError as error:
+                raise ComparisonError(str(error)) from error
 
 
 def _check_output(run_dir: Path) -> None:
