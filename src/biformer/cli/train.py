@@ -105,7 +105,6 @@ def report_error(command: str, error: BaseException) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import WriteError
     from ..images import ImageError
     from ..train import ConfigError, Trainer, load_config, load_yaml
     from ..train.data import DataError
