@@ -234,3 +234,16 @@ def test_a_folder_given_as_checkpoint_says_so(tmp_path, capsys):
     assert main(["predict", str(image), "--checkpoint", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a folder" in err
+
+
+def test_a_truncated_pretrained_file_is_named(tmp_path):
+    model = timm.create_model("biformer_tiny", num_classes=2, **MICRO)
+    full = tmp_path / "full.safetensors"
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(full))
+    for name, data in (("half.safetensors", full.read_bytes()[: full.stat().st_size // 2]),
+                       ("half.pth", b"PK\x03\x04" + b"\x00" * 40)):
+        truncated = tmp_path / name
+        truncated.write_bytes(data)
+        with pytest.raises(ValueError, match=f"pretrained weights {truncated}: cannot read them"):
+            timm.create_model("biformer_tiny", num_classes=2, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(truncated)), **MICRO)
