@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,15 +67,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             # An open file, not the name: torch.load hands a name ending in .safetensors to safetensors.
             with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as handle:
                 checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's text is several lines and advises weights_only=False; keep only what the reader refused
-        found = re.search(r"GLOBAL (\S+)|WeightsUnpickler error:\s*(.+)", str(error))
-        detail = next((group for group in found.groups() if group), "") if found else str(error).strip()[:200]
-        raise ValueError(
-            f"checkpoint: cannot read {path} as weights: the safe reader refused it ({detail.splitlines()[0]}); it is "
-            f"not a torch.save file, or it holds Python objects other than tensors, whose loading could run code"
-        ) from error
     except Exception as error:  # noqa: BLE001 - every reader failure means the same thing to the user
+        if type(error).__name__ == "UnpicklingError":  # the weights_only reader's refusal (pickle is not imported)
+            # torch's text is several lines and advises weights_only=False; keep only what the reader refused
+            found = re.search(r"GLOBAL (\S+)|WeightsUnpickler error:\s*(.+)", str(error))
+            detail = next((group for group in found.groups() if group), "") if found else str(error).strip()[:200]
+            raise ValueError(
+                f"checkpoint: cannot read {path} as weights: the safe reader refused it ({(detail.splitlines() or ['refused'])[0]}); "
+                f"it is not a torch.save file, or it holds Python objects other than tensors, whose loading could "
+                f"run code"
+            ) from error
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"checkpoint: cannot read {path} as weights ({type(error).__name__}: {reason})") from error
     return unwrap_state_dict(checkpoint)
