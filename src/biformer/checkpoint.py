@@ -72,8 +72,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             # torch's text is several lines and advises weights_only=False; keep only what the reader refused
             found = re.search(r"GLOBAL (\S+)|WeightsUnpickler error:\s*(.+)", str(error))
             detail = next((group for group in found.groups() if group), "") if found else str(error).strip()[:200]
+            detail = (detail.splitlines() or ["refused"])[0]
             raise ValueError(
-                f"checkpoint: cannot read {path} as weights: the safe reader refused it ({(detail.splitlines() or ['refused'])[0]}); "
+                f"checkpoint: cannot read {path} as weights: the safe reader refused it ({detail}); "
                 f"it is not a torch.save file, or it holds Python objects other than tensors, whose loading could "
                 f"run code"
             ) from error
