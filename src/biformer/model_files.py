@@ -224,6 +224,8 @@ def check_hub_folder(directory: Path, config: Mapping[str, Any], kwargs: Mapping
     architecture = config["architecture"]
     model_args = check_model_kwargs(architecture, config.get("model_args") or {},
                                     f"pretrained folder {directory}: config.json model_args")
+    if "num_classes" not in model_args and isinstance(config.get("num_classes"), int):
+        model_args["num_classes"] = config["num_classes"]  # timm's config.json keeps it at the top level
     weights = directory / "model.safetensors"
     try:
         shapes = stored_shapes(weights) if weights.is_file() else None

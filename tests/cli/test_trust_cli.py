@@ -23,12 +23,14 @@ def run(arguments, capsys):
 
 @pytest.fixture
 def no_export(monkeypatch):
+    """A tiny model instead of the default one; the export itself must never start."""
     import biformer.cli.export
 
     def refuse(*args, **kwargs):
         raise AssertionError("the export started")
 
-    monkeypatch.setattr(biformer.cli.export, "load_model", refuse)
+    monkeypatch.setattr(biformer.cli.export, "load_model", lambda *args: torch.nn.Identity())
+    monkeypatch.setattr(biformer.cli.export, "export_model", refuse)
 
 
 def test_export_to_a_folder_is_refused_before_the_export(tmp_path, capsys, no_export):

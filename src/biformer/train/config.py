@@ -345,8 +345,13 @@ def _check_numbers(config: TrainConfig) -> None:
             torch.device(config.device)
         except RuntimeError as error:
             raise ConfigError(f"option 'device': expected cpu, cuda, cuda:N ..., got {config.device!r}") from error
+    import timm
+
     from ..model_files import check_model_kwargs
 
+    if config.task == "classification" and not timm.is_model(config.model):
+        raise ConfigError(f"option 'model': unknown timm model {config.model!r}; BiFormer models: "
+                          f"{timm.list_models('biformer*')}")
     try:
         check_model_kwargs(config.model, config.model_kwargs, "option 'model_kwargs'",
                            dense=config.task != "classification")
