@@ -21,6 +21,9 @@ RESUMABLE = frozenset({
     "epochs",  # the schedule is recomputed for the new length
     "time_limit", "eval_every", "progress", "workers", "threads", "device", "bad_images", "max_bad_images",
     "data_dir", "download",
+    # checkpoints, logs and loader mechanics: how the run is saved and watched, not what it learns
+    "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "pin_memory", "persistent_workers",
+    "prefetch_factor", "tensorboard", "wandb", "log_every",
 })
 
 
