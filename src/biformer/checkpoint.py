@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +39,9 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
             break
     state_dict = {}
     for key, value in checkpoint.items():
+        if not isinstance(key, str):
+            raise ValueError(f"checkpoint: keys must be strings (parameter names), got {key!r} "
+                             f"({type(key).__name__})")
         if isinstance(value, torch.Tensor):
             state_dict[key.removeprefix("module.")] = value
     if not state_dict:
@@ -56,15 +60,35 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if file_format(path) == "safetensors":
             checkpoint = load_file(str(path), device="cpu")
         else:
             # argparse.Namespace is allowed because the authors' training checkpoints store their args.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            # An open file, not the name: torch.load hands a name ending in .safetensors to safetensors.
+            with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as handle:
+                checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every reader failure means the same thing to the user
-        raise ValueError(f"checkpoint: cannot read {path} as weights ({type(error).__name__}: {error})") from error
+        if type(error).__name__ == "UnpicklingError":  # the weights_only reader's refusal (pickle is not imported)
+            # torch's text is several lines and advises weights_only=False; keep only what the reader refused
+            found = re.search(r"GLOBAL (\S+)|WeightsUnpickler error:\s*(.+)", str(error))
+            detail = next((group for group in found.groups() if group), "") if found else str(error).strip()[:200]
+            detail = (detail.splitlines() or ["refused"])[0]
+            raise ValueError(
+                f"checkpoint: cannot read {path} as weights: the safe reader refused it ({detail}); "
+                f"it is not a torch.save file, or it holds Python objects other than tensors, whose loading could "
+                f"run code"
+            ) from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"checkpoint: cannot read {path} as weights ({type(error).__name__}: {reason})") from error
     return unwrap_state_dict(checkpoint)
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """``"safetensors"`` or ``"torch"``, from the file's first bytes (not its name): a safetensors file starts
+    with an 8-byte header length followed by ``{``; anything else is read as a ``torch.save`` file."""
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+    return "safetensors" if len(start) == 9 and start[8:9] == b"{" else "torch"
 
 
 def shape_mismatches(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], target: str) -> list[str]:

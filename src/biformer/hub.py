@@ -19,6 +19,7 @@ from timm.layers import DropPath
 from timm.models._hub import save_config_for_hf
 
 from .checkpoint import read_state_dict, save_weights
+from .model_files import check_hub_folder, described_checkpoint, model_from_checkpoint
 from .models import MODEL_NAMES, RELEASED_MODEL_NAMES
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "hub_entry_point", "load_model", "load_pretrained", "save_pretrained"]
@@ -175,7 +176,8 @@ def load_pretrained(directory: str | os.PathLike, **kwargs: object) -> nn.Module
             not fit.
     """
     directory = Path(directory)
-    _read_config(directory)
+    config = _read_config(directory)
+    check_hub_folder(directory, config, kwargs)  # before anything is built: architecture arguments, shapes
     try:
         return timm.create_model(f"local-dir:{directory}", pretrained=True, **kwargs)
     except Exception as error:  # noqa: BLE001 - timm/safetensors/torch failures all mean "these weights do not load"
@@ -223,6 +225,9 @@ def load_model(model: str | None = None, checkpoint: str | os.PathLike | None = 
         if model is not None and model != architecture:
             raise ValueError(f"model: {model!r} given, but the folder {checkpoint} holds a {architecture!r}")
         return load_pretrained(checkpoint, **kwargs)
+    if checkpoint is not None and described_checkpoint(checkpoint):
+        # a training checkpoint: its own description rebuilds the exact model (model_kwargs, channels, head)
+        return model_from_checkpoint(checkpoint, model, **kwargs)
     model = model or "biformer_tiny"
     if model not in MODEL_NAMES:
         raise ValueError(f"model: expected one of {MODEL_NAMES} or a model folder, got {model!r}")

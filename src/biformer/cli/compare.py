@@ -38,7 +38,8 @@ def _mapping(text: str) -> dict:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise argparse.ArgumentTypeError(f"expected a YAML mapping, got {text!r} ({error})") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "not YAML"
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping, got {text!r} ({reason})") from error
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{n_win: 2}}', got {text!r}")
     return value
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         check_options(options)
         command = shlex.join(["biformer", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else None
         result = run_comparison(options, command=command)
-    except (ComparisonError, ConfigError, DataError) as error:
+    except (ComparisonError, ConfigError, DataError, OSError) as error:
         return report_error("compare", error)
     print(result["table"])
     print(f"results: {options.output}/ (results.json, results.csv, table.md, plots)")

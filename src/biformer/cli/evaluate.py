@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         found = dist.all_reduce_sum(images.unreadable.to(dist.device, torch.float32))  # (N,) processes' findings
         metrics["unreadable_images"] = [images.source(int(index)) for index in found.nonzero().flatten()]
         dist.shutdown()
-    except (ConfigError, DataError, ImageError, FileNotFoundError, ValueError, WriteError) as error:
+    except (ConfigError, DataError, ImageError, OSError, ValueError) as error:  # OSError: WriteError, names too long
         return report_error("eval", error)
     if dist.is_main and metrics["unreadable_images"]:
         skipped = metrics["unreadable_images"]

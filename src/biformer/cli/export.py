@@ -9,6 +9,7 @@ dynamo exporter (``torch.onnx.export(..., dynamo=True)``), the one supported her
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..export import (
 from ..hub import load_model
 from ..ops import available_backends
 from .show_routing import positive_int
+from .train import one_line
 
 COMMAND = "export"
 
@@ -42,6 +44,31 @@ def parse_image_size(text: str) -> int | tuple[int, int]:
     return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
 
+MAX_EXAMPLE_BATCH = 64
+
+
+def example_batch(text: str) -> int:
+    """``--batch-size``: at most ``MAX_EXAMPLE_BATCH`` (the example only shapes the graph; the batch stays dynamic;
+    below 2 the export itself refuses it)."""
+    value = positive_int(text)
+    if value > MAX_EXAMPLE_BATCH:
+        raise argparse.ArgumentTypeError(f"expected an example batch of at most {MAX_EXAMPLE_BATCH} (the exported "
+                                         f"batch size stays dynamic), got {text!r}")
+    return value
+
+
+def check_output_file(text: str) -> None:
+    """Refuse, before any work, an output that is a folder or lies in a folder that is missing or read-only."""
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise ValueError(f"--output: {text} is a folder; expected a file path such as {path / 'model.onnx'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"--output: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output: the folder {folder} is not writable")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         COMMAND,
@@ -55,7 +82,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--checkpoint", help="weights: the authors' .pth, a .safetensors file or a Hub-layout folder "
                                              "(without it the weights are random)")
     parser.add_argument("--image-size", type=parse_image_size, help="SIZE or HxW (default: the model's, 224)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="example batch (>= 2; stays dynamic)")
+    parser.add_argument("--batch-size", type=example_batch, default=2, help="example batch (>= 2; stays dynamic)")
     parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 17, default "
                                                                                   f"{DEFAULT_OPSET})")
     parser.add_argument("--backend", default=EXPORT_BACKEND, choices=available_backends()[1:],
@@ -83,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--image-size: a --dynamic-size file takes every size in its range; leave it out")
         # the options and the output folder first, then the model and its weights file
         check_export_options(args.output, args.format, args.batch_size, args.opset, args.atol, args.dynamic_size)
+        check_output_file(args.output)
         model = build_model(args.model, args.checkpoint)
         if args.checkpoint is None and (args.model is None or not Path(args.model).is_dir()):
             print(f"biformer {COMMAND}: warning: no --checkpoint, exporting random weights", file=sys.stderr)
@@ -92,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             dynamic_size=args.dynamic_size, max_size=args.max_size,
         )
     except (ValueError, OSError, ImportError, ExportCheckError) as error:
-        print(f"biformer {COMMAND}: error: {error}", file=sys.stderr)
+        print(f"biformer {COMMAND}: error: {one_line(str(error))}", file=sys.stderr)
         return 1
     if result.size_range is not None:
         smallest, largest = result.size_range

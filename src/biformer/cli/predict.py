@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = load_for_inference(args.checkpoint, args.model_name, dict(device=args.device))
         model = loaded.model.to(device)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (ConfigError, OSError, ValueError, RuntimeError) as error:
         return report_error("predict", error)
     if loaded.config.task != "classification":
         return predict_dense(args, loaded, model)
@@ -125,7 +125,7 @@ def predict_dense(args: argparse.Namespace, loaded: LoadedModel, model: torch.nn
     try:
         _check_dense_arguments(args)
         make_folder(output, "--output")
-    except (ValueError, WriteError) as error:
+    except (ValueError, OSError) as error:  # WriteError is an OSError
         return report_error("predict", error)
     failures = 0
     for path in args.images:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..hub import load_model
 from ..images import open_image
+from .train import one_line
 
 COMMAND = "show-routing"
 
@@ -41,6 +42,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_DPI = 1200
+
+
+def dpi_value(text: str) -> int:
+    """A command-line resolution in dots per inch, 1 to ``MAX_DPI`` (a huge one cannot be drawn in memory)."""
+    value = positive_int(text)
+    if value > MAX_DPI:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_DPI} dots per inch, got {text!r}")
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         COMMAND,
@@ -58,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--image-size", type=positive_int,
                         help="shorter side of the model input in pixels (default: the model's, 224)")
     parser.add_argument("--layers", help="comma-separated BRA module names (default: the last of each stage)")
-    parser.add_argument("--dpi", type=positive_int, default=150, help="resolution of the PNG (default 150)")
+    parser.add_argument("--dpi", type=dpi_value, default=150, help="resolution of the PNG (default 150)")
     parser.set_defaults(run=run)
     return parser
 
@@ -95,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
             os.replace(temporary, output)
         finally:
             temporary.unlink(missing_ok=True)
-    except (ValueError, OSError, ImportError) as error:
-        print(f"biformer {COMMAND}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, MemoryError) as error:
+        print(f"biformer {COMMAND}: error: {one_line(str(error) or type(error).__name__)}", file=sys.stderr)
         return 1
     print(f"wrote {output} ({len(args.point)} point(s) x {len(figure.axes) // len(args.point)} BRA layer(s))")
     return 0

@@ -84,6 +84,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\n``, ``\\x85``): a message that
+    quotes a value given by the user stays one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def report_error(command: str, error: BaseException) -> int:
     """Print ``error`` as a one-line command error; exit code 2.
 
@@ -94,15 +100,15 @@ def report_error(command: str, error: BaseException) -> int:
     if "\nOriginal Traceback" in message:
         kind, _, text = message.rstrip().splitlines()[-1].partition(": ")  # "module.ErrorType: the message"
         message = text if text and " " not in kind else kind
-    print(f"biformer {command}: error: {message}", file=sys.stderr)
+    print(f"biformer {command}: error: {one_line(message)}", file=sys.stderr)
     return 2
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import WriteError
     from ..images import ImageError
     from ..train import ConfigError, Trainer, load_config, load_yaml
     from ..train.data import DataError
+    from ..train.resume import check_resume_values
 
     if getattr(args, "list_configs", False):
         return _list_configs()
@@ -119,11 +125,14 @@ def run(args: argparse.Namespace) -> int:
 
             layers.append((load_yaml(resolve_config(args.config)), args.config))
         layers.append((given_config_values(args), "flags"))
+        if run_dir is not None:  # every option given on resume applies or is refused, never silently ignored
+            check_resume_values(layers[0][0], {k: v for values, _ in layers[1:] for k, v in values.items()},
+                                str(run_dir))
         config = load_config(*layers)
         with Trainer(config, resume=run_dir is not None, run_dir=run_dir) as trainer:
             trainer.fit()
-    except (ConfigError, DataError, ImageError, FileNotFoundError, FileExistsError, FloatingPointError,
-            WriteError, ValueError) as error:  # ValueError: unreadable --pretrained or training state
+    except (ConfigError, DataError, ImageError, OSError, FloatingPointError,
+            ValueError) as error:  # ValueError: unreadable --pretrained or training state; OSError: WriteError, ...
         return report_error("train", error)
     return 0
 

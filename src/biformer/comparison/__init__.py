@@ -129,17 +129,28 @@ def check_options(options: CompareOptions) -> None:
 
 
 def _check_models(options: CompareOptions) -> None:
-    """The timm models of the cost and classification tasks exist (``--model``), before anything is read."""
+    """--model is a timm model and --model-kwargs / --cost-model-kwargs hold its architecture arguments only,
+    for the tasks that run, before anything is read."""
     import timm
 
     import biformer  # noqa: F401  (registers the models with timm)
 
-    names = {options.cost_model} if "cost" in options.tasks else set()
-    names |= {options.train_model} if "classification" in options.tasks else set()
-    for name in sorted(names):
-        if name not in timm.list_models():
+    from ..model_files import check_model_kwargs
+
+    checks = []
+    if "cost" in options.tasks:
+        checks.append(("--cost-model-kwargs", options.cost_model, options.cost_model_kwargs))
+    if "classification" in options.tasks:
+        checks.append(("--model-kwargs", options.train_model, options.model_kwargs))
+    for option, name, kwargs in checks:
+        if name is not None and not timm.is_model(name):
             raise ComparisonError(f"--model: unknown timm model {name!r}; BiFormer models: "
                                   f"{timm.list_models('biformer*')}")
+        if kwargs is not None:
+            try:
+                check_model_kwargs(name, kwargs, option)
+            except ValueError as error:
+                raise ComparisonError(str(error)) from error
 
 
 def _check_output(run_dir: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -122,14 +124,15 @@ class BiLevelRoutingAttention(nn.Module):
         self.dim = check_positive_int(dim, name="dim")
         self.num_heads = check_positive_int(num_heads, name="num_heads")
         self.n_win = check_positive_int(n_win, name="n_win")
-        self.qk_dim = check_positive_int(qk_dim or dim, name="qk_dim")
+        self.qk_dim = check_positive_int(dim if qk_dim is None else qk_dim, name="qk_dim")
         check_head_split(self.dim, self.qk_dim, self.num_heads)
         self.topk = check_positive_int(topk, name="topk")
         self.region_size = None if region_size is None else check_positive_int(region_size, name="region_size")
         if region_size is None and topk > n_win**2:
             raise ValueError(f"topk: expected at most n_win ** 2 = {n_win**2} regions, got {topk}")
-        if qk_scale is not None and not qk_scale > 0:
-            raise ValueError(f"qk_scale: expected None or a positive number, got {qk_scale!r}")
+        finite = isinstance(qk_scale, (int, float)) and not isinstance(qk_scale, bool) and math.isfinite(qk_scale)
+        if qk_scale is not None and not (finite and qk_scale > 0):
+            raise ValueError(f"qk_scale: expected None or a positive finite number, got {qk_scale!r}")
         self.scale = qk_scale or self.qk_dim**-0.5
         self.auto_pad = bool(auto_pad)
         self.backend = check_backend(backend)
@@ -216,7 +219,8 @@ class BiLevelRoutingAttention(nn.Module):
             query.mean(dim=2), key_value[..., : self.qk_dim].mean(dim=2), topk, self.scale
         )  # (N, S*S, topk)
         out = routed_attention(
-            query, key_value, topk_index, num_heads=self.num_heads, scale=self.scale, backend=backend
+            query, key_value, topk_index, num_heads=self.num_heads, scale=self.scale, backend=backend,
+            check_index=False,
         )  # (N, S*S, h*w, C)
         out = regions_to_image(out, grid_h, grid_w, region_h, region_w)  # (N, H, W, C)
         local_context = self._local_context(qkv)
@@ -235,7 +239,8 @@ class BiLevelRoutingAttention(nn.Module):
             query, key = image_to_head_regions(qkv[..., : 2 * qk_dim], grid_h, grid_w, heads, parts=2)
             value = image_to_head_regions(qkv[..., 2 * qk_dim :], grid_h, grid_w, heads)[0]
         topk_index = route_regions(head_region_means(query), head_region_means(key), topk, self.scale)  # (N, R, topk)
-        out = routed_attention_heads(query, key, value, topk_index, scale=self.scale, backend=backend)
+        out = routed_attention_heads(query, key, value, topk_index, scale=self.scale, backend=backend,
+                                     check_index=False)  # from topk: valid by construction
         out = head_regions_to_image(
             out, grid_h, grid_w, region_h, region_w, add_to=self._local_context(qkv)
         )  # (N, H, W, C)

@@ -88,6 +88,7 @@ class BiLevelRoutingAttentionNCHW(nn.Module):
             num_heads=self.num_heads,
             scale=self.scale,
             backend=self.backend,
+            check_index=False,  # from topk: valid by construction
         )  # (N, R, h*w, C)
         out = regions_to_image(out, grid_h, grid_w, region_h, region_w)[:, :height, :width]  # (N, H, W, C)
         out = out.permute(0, 3, 1, 2)  # (N, C, H, W)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from timm.layers import SelectAdaptivePool2d, register_notrace_module
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._features import FeatureDictNet, feature_take_indices
@@ -76,8 +77,19 @@ def build_pyramid_model(
                 model_class, variant, pretrained, pretrained_filter_fn=checkpoint_filter,
                 feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **architecture,
             )
-    except OSError as error:  # urllib's URLError and HTTPError are OSErrors; a local file gives FileNotFoundError
-        if not pretrained or isinstance(error, FileNotFoundError) or _local_source(architecture):
+    except (OSError, EOFError, RuntimeError, SafetensorError) as error:
+        if not pretrained or isinstance(error, FileNotFoundError):
+            raise  # a missing local file names itself
+        if _local_source(architecture):
+            unreadable = not isinstance(error, RuntimeError) or "PytorchStreamReader" in str(error)
+            if not unreadable:
+                raise  # weights that do not fit: torch's key listing
+            overlay = architecture.get("pretrained_cfg_overlay") or {}
+            source = overlay.get("file") or "the given state_dict"
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"pretrained weights {source}: cannot read them ({type(error).__name__}: {reason}; "
+                             f"truncated or not a weights file?)") from error
+        if not isinstance(error, OSError):  # urllib's URLError and HTTPError are OSErrors
             raise
         url = resolve_pretrained_cfg(
             variant, pretrained_cfg=architecture.get("pretrained_cfg"),

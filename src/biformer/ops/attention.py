@@ -402,6 +402,38 @@ def _check_routed_inputs(tensors: dict[str, torch.Tensor], rank: int, topk_index
         raise ValueError(f"topk_index: expected (N, R) = {expected} leading sizes, got {tuple(topk_index.shape)}")
 
 
+def check_topk_index(topk_index: torch.Tensor, regions: int) -> None:
+    """ValueError unless every query region routes to ``1..regions`` distinct regions in ``[0, regions)``.
+
+    Out-of-range indices would make the gathering backends read another image's regions (the flattened
+    region axis spans the batch); a region routed twice would be counted twice by the gathering backends and
+    once by ``dense``: both are refused. The cost is one min/max and one sort of the small (N, R, topk) index
+    and one device synchronisation (see ``benchmarks/bench_topk_check.py``). Skipped while compiling,
+    exporting or tracing (the graph cannot raise on values; the BRA layer's own index is valid by construction).
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return
+    topk = topk_index.shape[-1]
+    if not 1 <= topk <= regions:
+        raise ValueError(f"topk_index: expected 1 to {regions} routed regions per query region, got topk={topk}")
+    if topk_index.numel() == 0:
+        return
+    low, high = topk_index.aminmax()
+    bad = (low < 0) | (high >= regions)
+    if topk > 1:
+        ordered = topk_index.sort(dim=-1).values
+        repeated = (ordered[..., 1:] == ordered[..., :-1]).any()
+        bad = bad | repeated
+    if not bad.item():  # the one synchronisation
+        return
+    if low < 0 or high >= regions:
+        raise ValueError(f"topk_index: expected region indices in [0, {regions}), got values from {int(low)} to "
+                         f"{int(high)}")
+    where = (ordered[..., 1:] == ordered[..., :-1]).nonzero()[0].tolist()
+    raise ValueError(f"topk_index: a query region routes to the same region twice (image {where[0]}, query "
+                     f"region {where[1]}: {topk_index[where[0], where[1]].tolist()}); indices must be distinct")
+
+
 def routed_attention_heads(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -410,6 +442,7 @@ def routed_attention_heads(
     *,
     scale: float,
     backend: str | None = None,
+    check_index: bool = True,
 ) -> torch.Tensor:
     """Routed attention on head-major tensors (the fast path of the BRA layer).
 
@@ -420,11 +453,15 @@ def routed_attention_heads(
         topk_index: int64 (N, R, topk) routed region indices.
         scale: multiplier of q before the dot product.
         backend: a name from :func:`available_backends`, or None for the current default.
+        check_index: check ``topk_index`` (:func:`check_topk_index`: range, distinct); False for an index
+            known to be valid (the BRA layer's, from ``topk``).
 
     Returns:
         (heads, N, R, L_q, d_v).
     """
     _check_routed_inputs({"query": query, "key": key, "value": value}, 5, topk_index)
+    if check_index:
+        check_topk_index(topk_index, query.shape[2])
     heads, _, regions, _, _ = query.shape
     name = resolve_backend(
         backend, num_regions=regions, topk=topk_index.shape[-1], tokens_per_region=key.shape[3],
@@ -446,6 +483,7 @@ def routed_attention(
     num_heads: int,
     scale: float,
     backend: str | None = None,
+    check_index: bool = True,
 ) -> torch.Tensor:
     """Attention of each query region's tokens over the tokens of its routed regions (region layout).
 
@@ -456,11 +494,15 @@ def routed_attention(
         num_heads: heads; C_qk and C_v must be divisible by it.
         scale: multiplier of q before the dot product.
         backend: a name from :func:`available_backends`, or None for the current default.
+        check_index: check ``topk_index`` (:func:`check_topk_index`: range, distinct); False for an index
+            known to be valid.
 
     Returns:
         (N, R, L_q, C_v).
     """
     _check_routed_inputs({"query": query, "key_value": key_value}, 4, topk_index)
+    if check_index:
+        check_topk_index(topk_index, query.shape[1])
     qk_dim = query.shape[-1]
     name = resolve_backend(
         backend, num_regions=query.shape[1], topk=topk_index.shape[-1], tokens_per_region=key_value.shape[2],

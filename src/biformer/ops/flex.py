@@ -18,8 +18,11 @@ Traps this module guards (measured with torch 2.14 on CPU, see ``../shared/PERF_
   runs ``gather`` there.
 - Different q and v head sizes, or a torch without FlexAttention (< 2.5): the ``fallback``.
 - Top-1 routing (stage 1 of BiFormer): the mask built inside the graph makes inductor fail ("no
-  choices"); it is built eagerly instead, one graph break per such layer (so ``fullgraph=True`` is for
-  the default backend, not ``flex``).
+  choices"), and building it eagerly breaks the graph, after which the resumed frames receive the sizes as
+  symbolic integers and inductor's CPU template fails on the model's later layers ("'Mul' object has no
+  attribute 'get_name'"): top-1 layers use the ``fallback``, so a whole model compiles as one graph.
+- A batch of 1 made ``contiguous`` return a view of the 5-D input whose layout the CPU template unpacks as
+  4-D ("too many values to unpack"): the token layout is always a fresh copy.
 - Strided q/k/v views also make the CPU lowering fail: they are made contiguous (one copy each).
 """
 
@@ -70,12 +73,6 @@ def routing_block_mask(topk_index: torch.Tensor, q_len: int, kv_len: int) -> Blo
     )
 
 
-# With one routed block per query block, inductor (torch 2.14) finds no CPU kernel ("no choices") when the
-# mask is built inside the graph, and compiles fine when it comes from outside: for top-1 the mask is built
-# eagerly, at the price of a graph break.
-_routing_block_mask_eager = torch.compiler.disable(routing_block_mask)
-
-
 def _has_symbolic_size(*tensors: torch.Tensor) -> bool:
     return any(isinstance(size, torch.SymInt) for t in tensors for size in t.shape)
 
@@ -90,6 +87,10 @@ def flex_can_run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) ->
         and not _has_symbolic_size(query, key, value)
         and query.shape[-1] == value.shape[-1]
     )
+
+
+def _flex_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk_index: torch.Tensor) -> bool:
+    return flex_can_run(query, key, value) and topk_index.shape[-1] > 1
 
 
 def flex_routed_attention(
@@ -110,16 +111,17 @@ def flex_routed_attention(
     Returns:
         (heads, N, R, L_q, d).
     """
-    if not flex_can_run(query, key, value):
+    if not _flex_applies(query, key, value, topk_index):
         return fallback(query, key, value, topk_index, scale=scale)
     heads, batch, regions, q_len, _ = query.shape
-    build_mask = _routing_block_mask_eager if topk_index.shape[-1] == 1 else routing_block_mask
-    mask = build_mask(topk_index, q_len, key.shape[3])
+    mask = routing_block_mask(topk_index, q_len, key.shape[3])
 
     def tokens(x: torch.Tensor) -> torch.Tensor:
         # (heads, N, R, L, d) -> contiguous (N, heads, R * L, d): with strided inputs the CPU kernel's
         # lowering fails in torch 2.14 ("no choices"), and batch-broadcast masks fail too.
-        return x.flatten(2, 3).transpose(0, 1).contiguous()
+        # A batch of 1 makes the transpose a no-op and ``contiguous`` returns a view of the 5-D input, whose
+        # layout the CPU template then unpacks as 4-D ("too many values to unpack"): always a fresh buffer.
+        return x.flatten(2, 3).transpose(0, 1).clone(memory_format=torch.contiguous_format)
 
     out = flex_attention(tokens(query), tokens(key), tokens(value), block_mask=mask, scale=scale)
     return out.transpose(0, 1).unflatten(2, (regions, q_len))  # (heads, N, R, L_q, d)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from ..checkpoint import read_state_dict
+from ..checkpoint import file_format, read_state_dict
 from ..files import WriteError, atomic_write, check_writable_folder, make_folder, remove_stale_temporaries
 
 __all__ = ["METADATA_KEY", "WriteError", "atomic_write", "check_writable_folder", "load_training_state",
@@ -53,6 +53,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     if path.suffix != ".safetensors":
         return None
     read_state_dict(path)  # clear errors for a missing or corrupted file
+    if file_format(path) != "safetensors":  # a torch.save file named .safetensors carries no description
+        return None
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if METADATA_KEY not in metadata:

@@ -20,6 +20,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.models import adapt_input_conv
 
 from ..checkpoint import read_state_dict
+from ..model_files import check_model_kwargs
 from .config import ConfigError, TrainConfig
 from .data import (
     FASHION_MNIST_MEAN,
@@ -107,6 +108,11 @@ class ClassificationTask(Task):
             default_mean, default_std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
         else:
             default_mean, default_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        for name in ("mean", "std"):
+            given = getattr(config, name)
+            if given is not None and len(given) not in (1, in_chans):
+                raise ConfigError(f"option {name!r}: expected 1 or {in_chans} values (one per channel), got "
+                                  f"{len(given)}: {given}")
         input_size = config.input_size or timm.get_pretrained_cfg_value(config.model, "input_size")[-1]
         return dict(
             class_names=list(class_names), in_chans=in_chans, input_size=int(input_size),
@@ -155,7 +161,13 @@ class ClassificationTask(Task):
         mode = "L" if in_chans == 1 else "RGB"
         if in_chans not in (1, 3):
             raise ConfigError(f"option 'in_chans': images are read as 1 (L) or 3 (RGB) channels, got {in_chans}")
+        if "train" in splits and self.config.batch_size < 2:
+            raise ConfigError(f"option 'batch_size': training needs at least 2 images per step (the BatchNorm "
+                              f"layers' batch statistics), got {self.config.batch_size}")
         make_train, make_eval, class_names = self._datasets(mode)
+        if "train" in splits and info is None and len(class_names) < 2:
+            raise DataError(f"{self.config.dataset}: training needs at least 2 classes, found {len(class_names)} "
+                            f"({class_names}); a one-class classifier is always right")
         info = info or self.data_info(class_names)
         classes = info["class_names"]
         train = make_train(self.transform(info, True), classes) if "train" in splits else None
@@ -202,7 +214,10 @@ class ClassificationTask(Task):
                 f"option 'model': unknown timm model {config.model!r}; BiFormer models: "
                 f"{timm.list_models('biformer*')}"
             )
-        kwargs = dict(config.model_kwargs)
+        try:
+            kwargs = check_model_kwargs(config.model, config.model_kwargs, "option 'model_kwargs'")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         if config.drop_path:
             kwargs["drop_path_rate"] = config.drop_path
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option 'precision': expected one of {PRECISIONS}, got {config.precision!r}")
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise ConfigError(f"option 'batch_size': mixup/cutmix need an even batch size, got {config.batch_size}")
+    _check_numbers(config)
     if len(config.scale) != 2 or not 0 < config.scale[0] <= config.scale[1] <= 1:
         raise ConfigError(f"option 'scale': expected [min, max] with 0 < min <= max <= 1, got {config.scale}")
     for name in ("lr", "clip_grad", "time_limit"):
@@ -303,6 +305,60 @@ def _validate_scale_options(config: TrainConfig) -> None:
         raise ConfigError(f"option 'decay_rate': expected a positive number, got {config.decay_rate}")
 
 
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "random")
+# Bounds of the options a number can make nonsensical (a negative decay, a NaN rate), checked before any data.
+_LOWER_BOUNDS = {"lr_base": (0.0, False), "weight_decay": (0.0, True), "warmup_epochs": (0.0, True),
+                 "warmup_lr": (0.0, True), "min_lr": (0.0, True), "seed": (0, True), "mixup": (0.0, True),
+                 "cutmix": (0.0, True), "color_jitter": (0.0, True)}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    """Finite numbers, lower bounds, per-channel statistics, the crop, the interpolation, the device, the model's
+    keyword arguments (architecture arguments only); ConfigError naming the option."""
+    for config_field in dataclasses.fields(config):
+        value = getattr(config, config_field.name)
+        if isinstance(value, float) and not _finite(value):
+            raise ConfigError(f"option {config_field.name!r}: expected a finite number, got {value}")
+    for name, (low, inclusive) in _LOWER_BOUNDS.items():
+        value = getattr(config, name)
+        if value is not None and (value < low or (value == low and not inclusive)):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"option {name!r}: expected a number {relation} {low:g}, got {value}")
+    for name in ("mean", "std", "scale"):
+        values = getattr(config, name)
+        if values is not None and (not values or not all(_finite(value) for value in values)):
+            raise ConfigError(f"option {name!r}: expected a list of finite numbers, got {values!r}")
+    if config.std is not None and not all(value > 0 for value in config.std):
+        raise ConfigError(f"option 'std': expected positive numbers, got {config.std}")
+    if not 0.0 < config.crop_pct <= 1.0:
+        raise ConfigError(f"option 'crop_pct': expected a fraction in (0, 1], got {config.crop_pct}")
+    if config.interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"option 'interpolation': expected one of {INTERPOLATIONS}, got {config.interpolation!r}")
+    if config.device is not None:
+        import torch
+
+        try:
+            torch.device(config.device)
+        except RuntimeError as error:
+            raise ConfigError(f"option 'device': expected cpu, cuda, cuda:N ..., got {config.device!r}") from error
+    import timm
+
+    from ..model_files import check_model_kwargs
+
+    if config.task == "classification" and not timm.is_model(config.model):
+        raise ConfigError(f"option 'model': unknown timm model {config.model!r}; BiFormer models: "
+                          f"{timm.list_models('biformer*')}")
+    try:
+        check_model_kwargs(config.model, config.model_kwargs, "option 'model_kwargs'",
+                           dense=config.task != "classification")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def _check_run_name(name: str | None) -> None:
     """A run name is one folder name inside ``output``: no separators, no ``..``, not absolute."""
     if name is None:
@@ -313,6 +369,8 @@ def _check_run_name(name: str | None) -> None:
             f"option 'name': expected a single folder name inside 'output' (no '/', no '..', not absolute), "
             f"got {name!r}"
         )
+    if len(name.encode()) > 255:
+        raise ConfigError(f"option 'name': expected a folder name of at most 255 bytes, got {len(name.encode())}")
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:

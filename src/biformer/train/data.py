@@ -278,7 +278,7 @@ class CsvImageDataset(Dataset):
 
     @staticmethod
     def _read_rows(csv_path: Path) -> list[tuple[Path, str]]:
-        with open(csv_path, newline="") as handle:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" has a BOM
             lines = list(csv.reader(handle))
         has_header = bool(lines) and [cell.strip().lower() for cell in lines[0]] == ["path", "label"]
         rows = []

@@ -43,7 +43,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from ..checkpoint import shape_mismatches
 from ..files import check_writable_folder, make_folder, remove_stale_temporaries
+from ..locks import RunLock
 from .checkpoints import STATE_FILE, load_training_state, save_training_state, save_weights_with_metadata
 from .config import ConfigError, TrainConfig, save_config
 from .data import SkipUnreadable
@@ -52,6 +54,7 @@ from .history import plot_history, write_history
 from .logs import RunLogs, check_wandb_installed
 from .precision import StepGuard, autocast
 from .recovery import EpochSampler, SeededSamples, prune_recovery_files, recovery_files, recovery_path
+from .resume import check_resume_values
 from .task import MetricSums, Task, TaskData, get_task
 
 __all__ = ["ShardSampler", "Trainer", "evaluate", "gather_objects", "lr_for", "move_to", "seed_everything"]
@@ -157,6 +160,7 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.step_callbacks: list[Callable[[Trainer], None]] = []
         self.resume = resume
+        self._lock = RunLock(self.run_dir, "--resume" if resume else "--name")  # held by fit()
         self._check_run_dir()
         self._check_scale_options()
         check_writable_folder(self.run_dir, "--resume" if resume else "output")  # before the (slow) data loading
@@ -290,6 +294,12 @@ class Trainer:
                 f"process(es); resume it with as many (got {self.dist.world_size}), or remove it to restart that "
                 f"epoch from {self.checkpoint_dir / STATE_FILE}"
             )
+        stored = {key: value for key, value in (state.get("config") or {}).items() if key not in ("output", "name")}
+        check_resume_values(stored, self.config.to_dict(), str(self.run_dir))
+        mismatched = shape_mismatches(state["model"], self.model.state_dict(), "the model built now")
+        if mismatched:
+            raise ValueError(f"resume: the run's weights do not fit the model built from its data now (did the "
+                             f"dataset's classes or channels change?): {'; '.join(mismatched[:3])}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         saved_epochs = state.get("config", {}).get("epochs")
@@ -317,10 +327,21 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train the remaining epochs; returns the summary also written to ``metrics.json``."""
+        """Train the remaining epochs; returns the summary also written to ``metrics.json``.
+
+        The run folder is locked meanwhile (:class:`biformer.locks.RunLock`): a second process training the
+        same folder is refused."""
+        try:
+            return self._fit()
+        finally:
+            self._lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         config = self.config
         if self.dist.is_main:
             make_folder(self.checkpoint_dir, "--resume" if self.resume else "output")
+            self._lock.acquire()  # one process per run folder: a second --resume of it is refused
+            self._check_run_dir()  # again under the lock: another run of this name may have saved meanwhile
             remove_stale_temporaries(self.checkpoint_dir)  # left by a process killed during a save
             remove_stale_temporaries(self.run_dir)
             save_config(config, self.run_dir / "config.yaml")
@@ -616,6 +637,7 @@ class Trainer:
         sys.stdout.flush()  # lines appear at once in logs and pipes too
 
     def close(self) -> None:
+        self._lock.release()
         self.dist.shutdown()
 
     def __enter__(self) -> Trainer:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from timm.data import ImageNetInfo
 
 from ..checkpoint import load_checkpoint, read_state_dict
+from ..model_files import check_description, check_model_kwargs, check_weight_shapes, stored_shapes
 from .checkpoints import read_metadata
 from .config import ConfigError, TrainConfig, load_config
 from .task import Task, get_task
@@ -83,10 +84,15 @@ def load_for_inference(path: str | os.PathLike, model_name: str | None = None,
     Raises:
         FileNotFoundError, ValueError (unreadable file, keys that do not fit), ConfigError.
     """
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint: {path} is a folder; expected a weights file (RUN/checkpoints/best.safetensors, "
+                         f"the authors' .pth); a Hub-layout folder is read by `biformer export --model` and "
+                         f"biformer.hub.load_pretrained")
     description = read_metadata(path) if os.fspath(path).endswith(".safetensors") else None
     if description is None and not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file: {path}")
     if description is not None:
+        description = check_description(description, path)
         values, info = dict(description["config"]), dict(description["data"])
         if model_name is not None and model_name != values["model"]:
             raise ConfigError(f"--model: {path} holds a {values['model']}, not a {model_name}")
@@ -95,6 +101,10 @@ def load_for_inference(path: str | os.PathLike, model_name: str | None = None,
     values.update(pretrained=None, name=None)  # the stored run name and output are never used (nor written to)
     config = load_config((values, str(path)), (dict(overrides or {}), "flags"))
     task = get_task(config)
+    if description is not None:  # the description is data: architecture arguments only, checked against the weights
+        check_model_kwargs(config.model, config.model_kwargs, f"checkpoint {path}: model_kwargs",
+                           dense=config.task != "classification")
+        check_weight_shapes(lambda: task.build_model(info), stored_shapes(path), f"checkpoint {path}")
     model = task.build_model(info)
     load_checkpoint(model, path)
     return LoadedModel(model=model.eval(), task=task, config=config, info=info)
