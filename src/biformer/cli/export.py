@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
         if args.dynamic_size and args.image_size is not None:
             raise ValueError("--image-size: a --dynamic-size file takes every size in its range; leave it out")
         # the options and the output folder first, then the model and its weights file
-        check_export_options(args.output, args.format, args.batch_size, args.opset, args.atol, args.dynamic_size)
         check_output_file(args.output)
+        check_export_options(args.output, args.format, args.batch_size, args.opset, args.atol, args.dynamic_size)
         model = build_model(args.model, args.checkpoint)
         if args.checkpoint is None and (args.model is None or not Path(args.model).is_dir()):
             print(f"biformer {COMMAND}: warning: no --checkpoint, exporting random weights", file=sys.stderr)
