@@ -155,14 +155,19 @@ def check_description(description: object, path: str | os.PathLike) -> dict[str,
         value = data.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16384:
             raise ValueError(f"{where}: 'data.{key}' must be an integer in [1, 16384], got {value!r:.80}")
+    # Classification checkpoints carry their preprocessing; dense ones (segmentation, detection) normalise inside
+    # the model and store none: checked where present.
+    classification = config.get("task", "classification") == "classification"
     for key in ("mean", "std"):
         value = data.get(key)
+        if value is None and not classification:
+            continue
         if not isinstance(value, list) or len(value) != data["in_chans"] or not all(map(_is_number, value)):
             raise ValueError(f"{where}: 'data.{key}' must be {data['in_chans']} finite numbers, got {value!r:.80}")
-    if not all(value > 0 for value in data["std"]):
-        raise ValueError(f"{where}: 'data.std' must be positive, got {data['std']}")
+        if key == "std" and not all(number > 0 for number in value):
+            raise ValueError(f"{where}: 'data.std' must be positive, got {value}")
     crop = data.get("crop_pct")
-    if not _is_number(crop) or not 0 < crop <= 1:
+    if (crop is not None or classification) and (not _is_number(crop) or not 0 < crop <= 1):
         raise ValueError(f"{where}: 'data.crop_pct' must be a number in (0, 1], got {crop!r:.80}")
     return dict(description)
 
