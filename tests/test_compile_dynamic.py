@@ -8,7 +8,6 @@ dynamo's and the same for every backend, and inductor's code generation would ad
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -31,7 +30,6 @@ def no_recompiles():
     return torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True, error_on_recompile=True)
 
 
-@pytest.mark.slow
 def test_inference_compiles_once_for_every_size():
     torch._dynamo.reset()
     model = tiny_biformer().eval()
@@ -49,7 +47,6 @@ def test_inference_compiles_once_for_every_size():
     assert counter.frame_count == frames
 
 
-@pytest.mark.slow
 def test_training_steps_compile_once_for_every_size():
     torch._dynamo.reset()
     model, reference = tiny_biformer().train(), tiny_biformer().train()
