@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from .. import __version__
+from .._optional import MissingDependency
 
 # subcommand name -> module (relative to this package), in the order shown by --help
 SUBCOMMANDS: dict[str, str] = {
@@ -39,8 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "run", None) is None:
-        parser.print_help(sys.stderr)
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "run", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.run(args) or 0)
+    except MissingDependency as error:  # an optional package of the `cli` extra: one line, no traceback
+        words = sys.argv[1:] if argv is None else argv
+        command = next((f" {word}" for word in words if word in SUBCOMMANDS), "")
+        print(f"biformer{command}: error: {error}", file=sys.stderr)
         return 2
-    return int(args.run(args) or 0)

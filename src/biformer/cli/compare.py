@@ -7,6 +7,8 @@ import shlex
 import sys
 from datetime import datetime
 
+from .._optional import require
+
 BUDGET_EPOCHS_BOUND = 100  # --budget-minutes without --epochs: the time ends a run, not the epochs
 
 EPILOG = """\
@@ -33,8 +35,7 @@ def _names(text: str) -> list[str]:
 
 def _mapping(text: str) -> dict:
     """YAML/JSON text of a mapping (``--model-kwargs``)."""
-    import yaml
-
+    yaml = require("yaml", extra="cli", purpose="--model-kwargs")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:

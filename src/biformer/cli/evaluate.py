@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from ..files import atomic_write
 from .train import add_config_flags, given_config_values, report_error
 
@@ -41,9 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def plot_confusion(path: Path, confusion: list[list[int]], class_names: list[str]) -> None:
     """Row-normalised confusion matrix (true class down, predicted across) as a PNG; counts when few classes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", extra="cli", purpose="writing confusion.png").use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 

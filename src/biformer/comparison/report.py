@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from ..files import atomic_write
 from .accuracy import TrainingResult
 from .cost import CostPoint
@@ -81,9 +82,8 @@ def accuracy_table(summary: Sequence[dict[str, Any]]) -> str:
 
 
 def _figure(columns: int, width: float = 4.2, height: float = 3.4) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(columns * width, height), layout="constrained")
+    figure_class = require("matplotlib.figure", extra="cli", purpose="drawing the comparison plots").Figure
+    figure = figure_class(figsize=(columns * width, height), layout="constrained")
     return figure, figure.subplots(1, columns, squeeze=False)[0]
 
 

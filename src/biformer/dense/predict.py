@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from .._optional import require
 from ..files import atomic_write
 
 __all__ = ["class_colours", "describe_class_map", "describe_detections", "detect", "save_class_map",
@@ -39,9 +40,7 @@ def detect(model: nn.Module, image: torch.Tensor, score_threshold: float) -> dic
 
 def class_colours(num_classes: int) -> np.ndarray:
     """uint8 (num_classes, 3): black for class 0 (the background), then matplotlib's ``tab20`` colours."""
-    from matplotlib import colormaps
-
-    table = colormaps["tab20"]
+    table = require("matplotlib", extra="cli", purpose="colouring segmentation masks").colormaps["tab20"]
     colours = [(0.0, 0.0, 0.0)] + [table(index % 20)[:3] for index in range(num_classes - 1)]
     return (np.array(colours) * 255).round().astype(np.uint8)
 

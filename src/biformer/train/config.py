@@ -16,13 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .._optional import require
 from ..files import atomic_write  # raises WriteError naming the file when it cannot be written
 
 __all__ = ["PRECISIONS", "ConfigError", "TrainConfig", "load_config", "load_yaml", "save_config"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _yaml() -> Any:
+    """PyYAML, imported on first use (the ``cli`` extra)."""
+    return require("yaml", extra="cli", purpose="reading and writing YAML configurations")
 
 
 class ConfigError(ValueError):
@@ -212,6 +216,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: no such file: {path}")
+    yaml = _yaml()
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -375,7 +380,7 @@ def _check_run_name(name: str | None) -> None:
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write ``config`` as YAML (atomically: temporary file, then rename)."""
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    text = _yaml().safe_dump(config.to_dict(), sort_keys=False)
     return atomic_write(path, lambda temporary: temporary.write_text(text))
 
 
@@ -396,8 +401,10 @@ def parse_flag_value(config_field: dataclasses.Field, text: str) -> Any:
     flag = "--" + config_field.name.replace("_", "-")
     if text.strip().lower() in ("none", "null") and "None" in str(config_field.type):
         return None
+    yaml = _yaml() if list in kinds or dict in kinds else None
+    yaml_error = yaml.YAMLError if yaml is not None else ValueError
     try:
-        if list in kinds or dict in kinds:
+        if yaml is not None:
             value = yaml.safe_load(text)
         elif int in kinds and float not in kinds:
             value = int(text)
@@ -405,7 +412,7 @@ def parse_flag_value(config_field: dataclasses.Field, text: str) -> Any:
             value = float(text)
         else:
             value = text
-    except (ValueError, yaml.YAMLError) as error:
+    except (ValueError, yaml_error) as error:
         raise ConfigError(f"{flag}: expected {config_field.type}, got {text!r}") from error
     if not isinstance(value, kinds):
         raise ConfigError(f"{flag}: expected {config_field.type}, got {text!r}")

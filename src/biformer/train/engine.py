@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
+from .._optional import require
 from ..checkpoint import shape_mismatches
 from ..files import check_writable_folder, make_folder, remove_stale_temporaries
 from ..locks import RunLock
@@ -56,6 +56,14 @@ from .precision import StepGuard, autocast
 from .recovery import EpochSampler, SeededSamples, prune_recovery_files, recovery_files, recovery_path
 from .resume import check_resume_values
 from .task import MetricSums, Task, TaskData, get_task
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+
+def _tqdm() -> type[tqdm]:
+    """tqdm's progress bar class, imported on first use (the ``cli`` extra)."""
+    return require("tqdm", extra="cli", purpose="the progress display").tqdm
 
 __all__ = ["ShardSampler", "Trainer", "evaluate", "gather_objects", "lr_for", "move_to", "seed_everything"]
 
@@ -121,7 +129,7 @@ def evaluate(
     (:meth:`MetricSums.gather`), compute."""
     was_training = model.training
     model.eval()
-    for batch in tqdm(loader, desc=description, leave=False, disable=not progress, dynamic_ncols=True):
+    for batch in _tqdm()(loader, desc=description, leave=False, disable=not progress, dynamic_ncols=True):
         with autocast(dist.device, precision):
             metrics.update(model, move_to(batch, dist.device))
     for tensor in metrics.sums():
@@ -150,6 +158,8 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False, run_dir: str | Path | None = None) -> None:
+        _tqdm()  # the optional packages training uses, before anything slow: one line naming the extra
+        require("matplotlib", extra="cli", purpose="writing metrics.png")
         self.config = config
         self.dist = setup(config.device)
         if config.threads:
@@ -402,7 +412,7 @@ class Trainer:
         first = self.micro_done  # > 0 when resuming inside the epoch
         loss_sum = torch.tensor(self.epoch_sums[0], dtype=torch.float64)
         samples = torch.tensor(self.epoch_sums[1], dtype=torch.float64)
-        bar = tqdm(total=micro_batches, initial=first, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch",
+        bar = _tqdm()(total=micro_batches, initial=first, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch",
                    disable=not (dist.is_main and config.progress), dynamic_ncols=True, mininterval=1.0)
         epoch_start = time.perf_counter()
         self._log_window = [torch.zeros((), dtype=torch.float64), 0, time.perf_counter(), self.step]
@@ -633,7 +643,7 @@ class Trainer:
         return {f"unreadable_{split}_images": len(indices) for split, indices in self.unreadable.items()}
 
     def _say(self, text: str) -> None:
-        tqdm.write(text)
+        _tqdm().write(text)
         sys.stdout.flush()  # lines appear at once in logs and pipes too
 
     def close(self) -> None:

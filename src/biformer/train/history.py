@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from ..files import atomic_write
 
 __all__ = ["plot_history", "write_history"]
@@ -39,9 +40,7 @@ def write_history(run_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], su
 
 def plot_history(path: str | os.PathLike, rows: Sequence[dict[str, Any]], metric_names: Sequence[str]) -> None:
     """Two panels against the epoch: losses (training and evaluation), and ``metric_names`` (e.g. top-1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", extra="cli", purpose="writing metrics.png").use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))

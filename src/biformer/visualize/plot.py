@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch.nn as nn
 from PIL import Image
 
-try:
+from .._optional import require
+from .panels import Point, RoutingPanel, _load_image, explain_routing
+
+if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-except ImportError as error:  # pragma: no cover - exercised only without the extra installed
-    raise ImportError("biformer.visualize needs matplotlib: pip install matplotlib") from error
-
-import torch.nn as nn
-
-from .panels import Point, RoutingPanel, _load_image, explain_routing
 
 __all__ = ["plot_routing", "show_routing"]
 
@@ -27,7 +26,12 @@ RANK_STYLE = dict(color="black", fontsize=7, ha="left", va="top")
 RANK_BOX = dict(boxstyle="square,pad=0.1", facecolor="#00e5ff", edgecolor="none", alpha=0.9)
 
 
+def _matplotlib(module_name: str) -> ModuleType:
+    return require(module_name, extra="cli", purpose="drawing routing pictures")
+
+
 def _draw_panel(ax: Axes, image: np.ndarray, panel: RoutingPanel) -> None:
+    rectangle = _matplotlib("matplotlib.patches").Rectangle
     width, height = panel.image_size
     extent = (0, width, height, 0)
     ax.imshow(image, extent=extent)
@@ -37,13 +41,13 @@ def _draw_panel(ax: Axes, image: np.ndarray, panel: RoutingPanel) -> None:
               vmax=max(float(panel.heat.max()), 1e-12)).set_gid("attention")
     query_box = panel.region_box(panel.query_region)
     x0, y0, x1, y1 = query_box
-    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, gid=f"query:{panel.query_region}", **QUERY_STYLE))
+    ax.add_patch(rectangle((x0, y0), x1 - x0, y1 - y0, gid=f"query:{panel.query_region}", **QUERY_STYLE))
     for rank, region in enumerate(panel.routed_regions, 1):
         box = panel.region_box(region)
         if box is None:  # entirely in the padding: nothing of the image to outline
             continue
         x0, y0, x1, y1 = box
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, gid=f"routed:{rank}:{region}", **ROUTED_STYLE))
+        ax.add_patch(rectangle((x0, y0), x1 - x0, y1 - y0, gid=f"routed:{rank}:{region}", **ROUTED_STYLE))
         ax.text(x0 + 1, y0 + 1, str(rank), bbox=RANK_BOX, gid=f"rank:{rank}:{region}", **RANK_STYLE)
     ax.plot([panel.point[0]], [panel.point[1]], marker="*", markersize=13, color="lime", markeredgecolor="black",
             gid="point")
@@ -71,11 +75,13 @@ def plot_routing(image: Image.Image | str | os.PathLike, panels: Sequence[Sequen
     """
     if not panels or not panels[0]:
         raise ValueError("panels: expected at least one row with one panel")
+    figure_class = _matplotlib("matplotlib.figure").Figure  # before the image is read
     pixels = np.asarray(_load_image(image))
     rows, columns = len(panels), len(panels[0])
     width, height = panels[0][0].image_size
     panel_width = 3.2
-    figure = Figure(figsize=(columns * panel_width, rows * (panel_width * height / width + 0.5)), layout="constrained")
+    figure = figure_class(figsize=(columns * panel_width, rows * (panel_width * height / width + 0.5)),
+                          layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False)
     for row_panels, row_axes in zip(panels, axes):
         for panel, ax in zip(row_panels, row_axes):
