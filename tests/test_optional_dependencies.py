@@ -82,6 +82,7 @@ CLI_CASES = {
     "train_config": (["train", "--config", "run.yaml"], "PyYAML", "train"),
     "train": (["train", "--epochs", "1", "--download", "--data-dir", "data"], "tqdm", "train"),
     "train_flag": (["train", "--model-kwargs", "{n_win: 2}"], "PyYAML", "train"),
+    "eval": (["eval", "best.safetensors", "--output", "eval"], "tqdm", "eval"),
     "compare_flag": (["compare", "--model-kwargs", "{n_win: 2}"], "PyYAML", "compare"),
     "show_routing": (["show-routing", "picture.png", "--point", "8,8", "--model", "hub"], "matplotlib",
                      "show-routing"),

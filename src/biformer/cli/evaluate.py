@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.engine import ShardSampler, evaluate
     from ..train.inference import load_for_inference
 
+    require("tqdm", extra="cli", purpose="the progress display")  # before the checkpoint and the data are read
     try:
         overrides = given_config_values(args)
         loaded = load_for_inference(args.checkpoint, args.model_name, overrides)
