@@ -60,12 +60,12 @@ from .task import MetricSums, Task, TaskData, get_task
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+__all__ = ["ShardSampler", "Trainer", "evaluate", "gather_objects", "lr_for", "move_to", "seed_everything"]
+
 
 def _tqdm() -> type[tqdm]:
     """tqdm's progress bar class, imported on first use (the ``cli`` extra)."""
     return require("tqdm", extra="cli", purpose="the progress display").tqdm
-
-__all__ = ["ShardSampler", "Trainer", "evaluate", "gather_objects", "lr_for", "move_to", "seed_everything"]
 
 
 def seed_everything(*parts: int) -> None:
@@ -413,7 +413,7 @@ class Trainer:
         loss_sum = torch.tensor(self.epoch_sums[0], dtype=torch.float64)
         samples = torch.tensor(self.epoch_sums[1], dtype=torch.float64)
         bar = _tqdm()(total=micro_batches, initial=first, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not (dist.is_main and config.progress), dynamic_ncols=True, mininterval=1.0)
+                      disable=not (dist.is_main and config.progress), dynamic_ncols=True, mininterval=1.0)
         epoch_start = time.perf_counter()
         self._log_window = [torch.zeros((), dtype=torch.float64), 0, time.perf_counter(), self.step]
         for index, batch in enumerate(self.train_loader, start=first):
