@@ -65,9 +65,40 @@ def check_positive_int(value: object, *, name: str, minimum: int = 1) -> int:
     return value
 
 
-def check_head_split(dim: int, qk_dim: int, num_heads: int) -> None:
-    """Both ``dim`` (values) and ``qk_dim`` (queries, keys) must split evenly into ``num_heads`` heads."""
-    if dim % num_heads or qk_dim % num_heads:
+def check_head_split(dim: int, qk_dim: int | None, num_heads: int) -> None:
+    """Both ``dim`` (values) and ``qk_dim`` (queries, keys) must split evenly into ``num_heads`` heads.
+
+    ``qk_dim`` None: layers whose q, k and v all have ``dim`` channels (only ``dim`` is named in the message).
+    """
+    if qk_dim is None:
+        if dim % num_heads:
+            raise ValueError(f"num_heads: dim ({dim}) must be divisible by num_heads, got num_heads={num_heads}")
+    elif dim % num_heads or qk_dim % num_heads:
         raise ValueError(
             f"num_heads: dim ({dim}) and qk_dim ({qk_dim}) must be divisible by num_heads, got num_heads={num_heads}"
+        )
+
+
+def check_topk_fits(topk: int, n_win: int, *, blame: str = "topk") -> None:
+    """The rule of Bi-Level Routing Attention: ``topk`` routed regions must exist among ``n_win ** 2``.
+
+    Args:
+        topk: routed regions per query region.
+        n_win: regions per side.
+        blame: the argument the message names: ``"topk"`` (a layer built with too large a top-k) or
+            ``"n_win"`` (too few regions set afterwards for layers whose top-k is fixed).
+    """
+    regions = n_win**2
+    if topk <= regions:
+        return
+    if blame == "n_win":
+        raise ValueError(f"n_win: {n_win} gives {regions} regions, fewer than topk={topk}")
+    raise ValueError(f"topk: expected at most n_win ** 2 = {regions} regions, got {topk}")
+
+
+def check_unsupported(name: str, value: object, supported: object) -> None:
+    """Raise ``NotImplementedError`` for a reference option value no released model uses."""
+    if value != supported:
+        raise NotImplementedError(
+            f"{name}={value!r} is not implemented (no released BiFormer uses it); supported: {supported!r}"
         )

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, freeze_batch_norm_2d
 
-from .._checks import check_feature_map
+from .._checks import check_feature_map, check_topk_fits
 from ..checkpoint import read_state_dict, shape_mismatches, unwrap_state_dict
 from ..layers import BiLevelRoutingAttention
 from ..models import BiFormer
@@ -210,9 +210,7 @@ class BiFormerBackbone(nn.Module):
 
     def _apply_n_win(self, n_win: int) -> None:
         layers = self._routed_layers()
-        largest_topk = max((layer.topk for layer in layers), default=1)
-        if largest_topk > n_win**2:
-            raise ValueError(f"n_win: {n_win} gives {n_win**2} regions, fewer than topk={largest_topk}")
+        check_topk_fits(max((layer.topk for layer in layers), default=1), n_win, blame="n_win")
         for layer in layers:
             layer.n_win = n_win
 

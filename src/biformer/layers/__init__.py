@@ -2,12 +2,13 @@
 
 from .attention_lepe import AttentionLePE, AttentionLePENCHW
 from .axial_attention import AxialStripeAttention
-from .bra import BiLevelRoutingAttention, QKVLinear
+from .bra import BiLevelRoutingAttention
 from .bra_nchw import BiLevelRoutingAttentionNCHW
 from .deformable_attention import DeformableAttention
 from .dilated_attention import DilatedAttention
 from .projected_attention import GlobalAttention, ProjectedAttention
-from .token_mixers import ATTENTION_TYPES, build_token_mixer
+from .qkv import QKVLinear
+from .token_mixers import ATTENTION_TYPES, TOKEN_MIXERS, build_token_mixer, choose_token_mixer, stage_token_mixer
 from .window_attention import WindowAttention
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "GlobalAttention",
     "ProjectedAttention",
     "QKVLinear",
+    "TOKEN_MIXERS",
     "WindowAttention",
     "build_token_mixer",
+    "choose_token_mixer",
+    "stage_token_mixer",
 ]

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_feature_map, check_positive_int
-from .bra import make_lepe
+from .._checks import check_feature_map, check_head_split, check_positive_int
+from .lepe import make_lepe
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -35,8 +35,7 @@ class AttentionLePE(nn.Module):
         super().__init__()
         self.dim = check_positive_int(dim, name="dim")
         self.num_heads = check_positive_int(num_heads, name="num_heads")
-        if dim % num_heads:
-            raise ValueError(f"num_heads: dim ({dim}) must be divisible by num_heads, got num_heads={num_heads}")
+        check_head_split(dim, None, num_heads)
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -73,8 +72,7 @@ class AttentionLePENCHW(nn.Module):
         super().__init__()
         self.dim = check_positive_int(dim, name="dim")
         self.num_heads = check_positive_int(num_heads, name="num_heads")
-        if dim % num_heads:
-            raise ValueError(f"num_heads: dim ({dim}) must be divisible by num_heads, got num_heads={num_heads}")
+        check_head_split(dim, None, num_heads)
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.qkv = nn.Conv2d(dim, 3 * dim, kernel_size=1, bias=qkv_bias)
         self.proj = nn.Conv2d(dim, dim, kernel_size=1)

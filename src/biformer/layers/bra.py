@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .._checks import check_feature_map, check_head_split, check_positive_int
+from .._checks import check_feature_map, check_head_split, check_positive_int, check_topk_fits, check_unsupported
 from ..ops.attention import (
     REGION_LAYOUT,
     backend_layout,
@@ -26,39 +26,8 @@ from ..ops.regions import (
     regions_to_image,
 )
 from ..ops.routing import route_regions
-
-
-def make_lepe(dim: int, kernel_size: int) -> nn.Conv2d | None:
-    """Depth-wise conv used as local context enhancement (``None`` when ``kernel_size`` is 0)."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 0:
-        raise ValueError(f"side_dwconv: expected 0 (off) or a positive odd integer, got {kernel_size!r}")
-    if kernel_size == 0:
-        return None
-    if kernel_size % 2 == 0:
-        raise ValueError(f"side_dwconv: expected an odd kernel size (the map size must not change), got {kernel_size}")
-    return nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
-
-
-def check_unsupported(name: str, value: object, supported: object) -> None:
-    """Raise ``NotImplementedError`` for a reference option value no released model uses."""
-    if value != supported:
-        raise NotImplementedError(
-            f"{name}={value!r} is not implemented (no released BiFormer uses it); supported: {supported!r}"
-        )
-
-
-class QKVLinear(nn.Module):
-    """One Linear producing [q | k | v] channels (the reference's ``qkv.qkv`` parameters)."""
-
-    def __init__(self, dim: int, qk_dim: int, bias: bool = True) -> None:
-        super().__init__()
-        self.dim = dim
-        self.qk_dim = qk_dim
-        self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., dim) -> (..., 2 * qk_dim + dim)."""
-        return self.qkv(x)
+from .lepe import make_lepe
+from .qkv import QKVLinear
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -128,8 +97,8 @@ class BiLevelRoutingAttention(nn.Module):
         check_head_split(self.dim, self.qk_dim, self.num_heads)
         self.topk = check_positive_int(topk, name="topk")
         self.region_size = None if region_size is None else check_positive_int(region_size, name="region_size")
-        if region_size is None and topk > n_win**2:
-            raise ValueError(f"topk: expected at most n_win ** 2 = {n_win**2} regions, got {topk}")
+        if region_size is None:
+            check_topk_fits(topk, n_win)
         finite = isinstance(qk_scale, (int, float)) and not isinstance(qk_scale, bool) and math.isfinite(qk_scale)
         if qk_scale is not None and not (finite and qk_scale > 0):
             raise ValueError(f"qk_scale: expected None or a positive finite number, got {qk_scale!r}")

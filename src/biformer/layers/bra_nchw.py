@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_feature_map, check_positive_int
+from .._checks import check_feature_map, check_head_split, check_positive_int, check_topk_fits
 from ..ops.attention import check_backend, routed_attention
 from ..ops.regions import image_to_regions, pad_bottom_right, regions_to_image
 from ..ops.routing import route_regions
-from .bra import make_lepe
+from .lepe import make_lepe
 
 
 class BiLevelRoutingAttentionNCHW(nn.Module):
@@ -42,12 +42,10 @@ class BiLevelRoutingAttentionNCHW(nn.Module):
         del auto_pad  # ignored by the reference: this layer always pads
         self.dim = check_positive_int(dim, name="dim")
         self.num_heads = check_positive_int(num_heads, name="num_heads")
-        if dim % num_heads:
-            raise ValueError(f"num_heads: dim ({dim}) must be divisible by num_heads, got num_heads={num_heads}")
+        check_head_split(dim, None, num_heads)
         self.n_win = check_positive_int(n_win, name="n_win")
         self.topk = check_positive_int(topk, name="topk")
-        if topk > n_win**2:
-            raise ValueError(f"topk: expected at most n_win ** 2 = {n_win**2} regions, got {topk}")
+        check_topk_fits(topk, n_win)
         if qk_scale is not None and not qk_scale > 0:
             raise ValueError(f"qk_scale: expected None or a positive number, got {qk_scale!r}")
         self.scale = qk_scale or dim**-0.5

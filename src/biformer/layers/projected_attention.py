@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_feature_map, check_head_split, check_positive_int
-from .bra import QKVLinear, make_lepe
+from .lepe import make_lepe
+from .qkv import QKVLinear
 
 
 def attend_in_groups(

@@ -1,18 +1,28 @@
-"""One entry point for every attention type the BiFormer paper compares: :func:`build_token_mixer`.
+"""Which token mixer a block gets, decided in one place, and how it is built.
 
-All types take and return NHWC maps of any size, and all but ``"bra"`` are subclasses of
-:class:`~biformer.layers.ProjectedAttention`: the same parameters as BRA (``qkv.qkv``, ``lepe``, ``wo``),
-so two networks that differ in the type differ only in which keys each query attends.
+:func:`choose_token_mixer` turns a stage's ``topk`` (with the authors' sentinels :data:`PLAIN_ATTENTION_TOPK`
+-1 and :data:`ATTENTION_LEPE_TOPK` -2) and ``attn_type`` into a mixer name of :data:`TOKEN_MIXERS` and its
+keyword arguments; :func:`stage_token_mixer` builds it. ``BiFormer``, the Swin-layout models and (through
+``BiFormer``) the dense backbone all use them.
+
+:func:`build_token_mixer` is the entry point for every attention type the BiFormer paper compares
+(:data:`ATTENTION_TYPES`). All types take and return NHWC maps of any size, and all but ``"bra"`` are
+subclasses of :class:`~biformer.layers.ProjectedAttention`: the same parameters as BRA (``qkv.qkv``,
+``lepe``, ``wo``), so two networks that differ in the type differ only in which keys each query attends.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch.nn as nn
 
+from .attention_lepe import AttentionLePE, AttentionLePENCHW
 from .axial_attention import AxialStripeAttention
 from .bra import BiLevelRoutingAttention
+from .bra_nchw import BiLevelRoutingAttentionNCHW
 from .deformable_attention import DeformableAttention
 from .dilated_attention import DilatedAttention
 from .projected_attention import GlobalAttention
@@ -131,3 +141,110 @@ def build_token_mixer(
     if attn_type == "dilated":
         return DilatedAttention(dim, **common, **options)
     return DeformableAttention(dim, **common, **options)
+
+
+# --- the authors' topks sentinels --------------------------------------------------------------------------
+# A stage's ``topk`` in the authors' models: > 0 is BRA with that top-k; these two mean global attention.
+PLAIN_ATTENTION_TOPK = -1  # the reference's ``Attention`` (NHWC); in the NCHW models the same as -2
+ATTENTION_LEPE_TOPK = -2  # the reference's ``AttentionLePE``: the last stage of every released model
+# The authors build their global attention with its default 8 heads, whatever ``head_dim`` says.
+GLOBAL_ATTENTION_HEADS = 8
+# Kernel of the global attention's LePE in the NCHW models (the authors' nchwAttentionLePE default, never
+# overridden: their weights load whatever ``side_dwconv`` is).
+NCHW_GLOBAL_LEPE_KERNEL = 5
+LAYOUTS = ("NHWC", "NCHW")
+
+# Every mixer a block can get, by name: a callable (dim, **kwargs) -> nn.Module. The NHWC mixers take and
+# return (N, H, W, dim) maps, the ``_nchw`` ones (N, dim, H, W).
+TOKEN_MIXERS: dict[str, Callable[..., nn.Module]] = {
+    "bra": BiLevelRoutingAttention,
+    "bra_nchw": BiLevelRoutingAttentionNCHW,
+    "attention": AttentionLePE,  # built with side_dwconv=0: no LePE
+    "attention_lepe": AttentionLePE,
+    "attention_lepe_nchw": AttentionLePENCHW,
+    **{kind: partial(build_token_mixer, kind) for kind in ATTENTION_TYPES if kind != "bra"},
+}
+
+
+def choose_token_mixer(
+    topk: object,
+    attn_type: str | None = None,
+    *,
+    num_heads: int,
+    layout: str = "NHWC",
+    n_win: int = 7,
+    qk_dim: int | None = None,
+    qk_scale: float | None = None,
+    side_dwconv: int = 5,
+    auto_pad: bool = False,
+    backend: str | None = None,
+    region_size: int | None = None,
+    attn_kwargs: Mapping[str, Any] | None = None,
+    shift: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """The token mixer of one block: a name of :data:`TOKEN_MIXERS` and the keyword arguments to build it with.
+
+    The rule, as the authors' code decides it:
+
+    - ``attn_type`` None or ``"bra"``: ``topk`` decides. ``topk > 0``: ``"bra"`` (NHWC) or ``"bra_nchw"``
+      with that top-k and the stage options. ``-1``: ``"attention"`` (8 heads, no LePE) in NHWC,
+      ``"attention_lepe_nchw"`` (8 heads, 5x5 LePE on V) in NCHW. ``-2``: ``"attention_lepe"`` (8 heads, LePE
+      of ``side_dwconv`` on the input) in NHWC, ``"attention_lepe_nchw"`` in NCHW.
+    - another of :data:`ATTENTION_TYPES` (NHWC only): that type, built by :func:`build_token_mixer` with
+      ``num_heads``, ``qk_dim``, ``qk_scale``, ``side_dwconv``, ``attn_kwargs`` and (window types) ``shift``;
+      ``topk`` is not used.
+
+    Args:
+        topk: the stage's entry of ``topks``.
+        attn_type: None, or one of :data:`ATTENTION_TYPES`.
+        num_heads: heads of BRA and of the comparison types (global attention always has 8).
+        layout: ``"NHWC"`` (``BiFormer``, ``BiFormerSTL``) or ``"NCHW"`` (``BiFormerSTLNCHW``: the authors'
+            refactored layers, which take no ``qk_dim`` nor ``region_size``).
+        n_win, qk_dim, qk_scale, side_dwconv, auto_pad, backend, region_size: BRA's options
+            (:class:`~biformer.layers.BiLevelRoutingAttention`).
+        attn_kwargs: options of a comparison type (its size option and the like).
+        shift: window types only: shift this block's windows (Swin's alternation).
+
+    Raises:
+        ValueError: ``topk`` not an integer, an unknown ``attn_type`` or ``layout``, or an option the NCHW
+            layers do not take.
+        NotImplementedError: a ``topk`` of 0 or below -2 (no released model uses one).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if attn_type not in (None, "bra"):
+        check_attention_type(attn_type)
+        if layout != "NHWC":
+            raise ValueError(f"attn_type: the NCHW models have only BRA and global attention; expected None, "
+                             f"got {attn_type!r}")
+        window = attn_type in ("window", "shifted_window")
+        return attn_type, dict(num_heads=num_heads, qk_dim=qk_dim, qk_scale=qk_scale, side_dwconv=side_dwconv,
+                               shift=shift if window else None, **(attn_kwargs or {}))
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise ValueError(f"topks: expected integers (> 0 for BRA, -1 or -2 for global attention), got {topk!r}")
+    if topk > 0:
+        if layout == "NCHW":
+            for name, value in (("qk_dim", qk_dim), ("region_size", region_size)):
+                if value is not None:
+                    raise ValueError(f"{name}: the NCHW BRA does not take it; expected None, got {value!r}")
+            return "bra_nchw", dict(num_heads=num_heads, n_win=n_win, qk_scale=qk_scale, topk=topk,
+                                    side_dwconv=side_dwconv, backend=backend)
+        return "bra", dict(num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale, topk=topk,
+                           side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend, region_size=region_size)
+    if topk not in (PLAIN_ATTENTION_TOPK, ATTENTION_LEPE_TOPK):
+        raise NotImplementedError(f"topks value {topk} is not implemented (released models use > 0, -1 or -2)")
+    if layout == "NCHW":
+        return "attention_lepe_nchw", dict(num_heads=GLOBAL_ATTENTION_HEADS, side_dwconv=NCHW_GLOBAL_LEPE_KERNEL)
+    if topk == PLAIN_ATTENTION_TOPK:
+        return "attention", dict(num_heads=GLOBAL_ATTENTION_HEADS, side_dwconv=0)
+    return "attention_lepe", dict(num_heads=GLOBAL_ATTENTION_HEADS, side_dwconv=side_dwconv)
+
+
+def stage_token_mixer(dim: int, topk: object, attn_type: str | None = None, **options: Any) -> nn.Module:
+    """Build the token mixer :func:`choose_token_mixer` picks for a block of width ``dim``.
+
+    ``options``: the keyword arguments of :func:`choose_token_mixer` (``num_heads``, ``layout``, ``n_win``, ...).
+    Shapes: see :data:`TOKEN_MIXERS` (NHWC mixers (N, H, W, dim) -> same; NCHW ones (N, dim, H, W) -> same).
+    """
+    name, kwargs = choose_token_mixer(topk, attn_type, **options)
+    return TOKEN_MIXERS[name](dim, **kwargs)
