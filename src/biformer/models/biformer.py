@@ -1,22 +1,23 @@
 """BiFormer (Zhu et al., "BiFormer: Vision Transformer with Bi-Level Routing Attention", CVPR 2023).
 
 Parameter names, shapes and order follow the authors' ``models/biformer.py`` so that the released
-checkpoints load unchanged. Layout: blocks, then the model, then ``checkpoint_filter_fn``, then the
-pretrained configs and the ``register_model`` entry points.
+checkpoints load unchanged. Layout: the per-stage attention options, blocks, the model, then the
+``register_model`` entry points (their pretrained configs are in :mod:`._base`).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 
-from .._checks import check_positive_int
-from ..layers import ATTENTION_TYPES, AttentionLePE, BiLevelRoutingAttention, build_token_mixer
-from ..layers.bra import check_unsupported
+from .._checks import check_positive_int, check_unsupported
+from ..layers import ATTENTION_TYPES, stage_token_mixer
 from ..layers.token_mixers import check_attention_type, stage_defaults
+from ._base import checkpoint_filter_fn, default_cfgs, init_weights  # noqa: F401 (timm's register_model reads default_cfgs)
 from ._pyramid import (
     NUM_STAGES,
     PyramidClassifier,
@@ -70,45 +71,8 @@ def stage_attention(attn_type: object, attn_kwargs: object) -> tuple[list[str | 
     return types, [{**stage_defaults(kind, i), **options} for i, (kind, options) in enumerate(zip(types, per_stage))]
 
 
-def make_attention(
-    dim: int,
-    topk: int,
-    *,
-    num_heads: int,
-    n_win: int,
-    qk_dim: int | None,
-    qk_scale: float | None,
-    side_dwconv: int,
-    auto_pad: bool,
-    backend: str | None,
-    region_size: int | None = None,
-    attn_type: str | None = None,
-    attn_options: dict | None = None,
-    shift: bool = False,
-) -> nn.Module:
-    """The token mixer of one block.
-
-    ``attn_type`` None or ``"bra"``: chosen by ``topk`` as in the reference: ``topk > 0``: BRA with that top-k;
-    ``-1``: plain 8-head attention; ``-2``: 8-head attention with LePE. Another type: built by
-    :func:`~biformer.layers.build_token_mixer` with ``attn_options`` (its size option and the like) and
-    ``shift`` (window types).
-    """
-    if attn_type not in (None, "bra"):
-        return build_token_mixer(
-            attn_type, dim, num_heads=num_heads, qk_dim=qk_dim, qk_scale=qk_scale, side_dwconv=side_dwconv,
-            shift=shift if attn_type in ("window", "shifted_window") else None, **(attn_options or {}),
-        )
-    if isinstance(topk, bool) or not isinstance(topk, int):
-        raise ValueError(f"topks: expected integers (> 0 for BRA, -1 or -2 for global attention), got {topk!r}")
-    if topk > 0:
-        return BiLevelRoutingAttention(
-            dim, num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale, topk=topk,
-            side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend, region_size=region_size,
-        )
-    if topk in (-1, -2):
-        # The reference builds these with their default 8 heads, whatever head_dim says.
-        return AttentionLePE(dim, num_heads=8, side_dwconv=side_dwconv if topk == -2 else 0)
-    raise NotImplementedError(f"topks value {topk} is not implemented (released models use > 0, -1 or -2)")
+# The token mixer of one block: decided and built in one place (``biformer.layers.token_mixers``).
+make_attention = stage_token_mixer
 
 
 class Block(nn.Module):
@@ -116,7 +80,8 @@ class Block(nn.Module):
 
     ``x + pos_embed(x)``, then ``x + drop_path(attn(norm1(x)))`` and ``x + drop_path(mlp(norm2(x)))``
     (or the post-norm variant when ``pre_norm=False``), with optional layer scale. ``attn`` is chosen by
-    :func:`make_attention` (``topk``, or ``attn_type`` with ``attn_options`` and ``shift``).
+    :func:`~biformer.layers.choose_token_mixer` (``topk``, or ``attn_type`` with ``attn_kwargs`` and ``shift``).
+    ``attn_options`` is the former name of ``attn_kwargs``: still accepted, with a ``DeprecationWarning``.
     """
 
     def __init__(
@@ -137,10 +102,18 @@ class Block(nn.Module):
         backend: str | None = None,
         region_size: int | None = None,
         attn_type: str | None = None,
-        attn_options: dict | None = None,
+        attn_kwargs: dict | None = None,
         shift: bool = False,
+        *,
+        attn_options: dict | None = None,
     ) -> None:
         super().__init__()
+        if attn_options is not None:
+            if attn_kwargs is not None:
+                raise ValueError("attn_options: the former name of attn_kwargs; expected only attn_kwargs, got both")
+            warnings.warn("Block(attn_options=...) is now attn_kwargs=... (the name BiFormer takes)",
+                          DeprecationWarning, stacklevel=2)
+            attn_kwargs = attn_options
         if layer_scale_init_value > 0:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
             self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
@@ -154,10 +127,10 @@ class Block(nn.Module):
         else:
             self.pos_embed = None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = make_attention(
-            dim, topk, num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale,
+        self.attn = stage_token_mixer(
+            dim, topk, attn_type, num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale,
             side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend, region_size=region_size,
-            attn_type=attn_type, attn_options=attn_options, shift=shift,
+            attn_kwargs=attn_kwargs, shift=shift,
         )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(mlp_ratio * dim)
@@ -195,29 +168,56 @@ class BiFormerStage(nn.Sequential):
 class BiFormer(PyramidClassifier):
     """BiFormer: conv stem, four stages of BRA blocks (plain attention in the last), BatchNorm, linear head.
 
-    Keyword arguments are the reference's (a fixture's ``constructor_kwargs`` build the same network);
-    the defaults are biformer_tiny's (the reference's own defaults did not build). Options no released
-    model uses raise ``NotImplementedError`` naming the option. Additions: ``backend`` (attention backend
-    of every BRA, see :func:`biformer.ops.available_backends`) and ``region_sizes`` (per stage, None or a
-    region side in tokens: regions of fixed size instead of ``n_win`` per side, see
-    :class:`~biformer.layers.BiLevelRoutingAttention`; off by default for checkpoint parity).
+    Keyword arguments are the reference's (a fixture's ``constructor_kwargs`` build the same network); the
+    defaults are biformer_tiny's (the reference's own defaults did not build). Options no released model uses
+    raise ``NotImplementedError`` naming the option; the reference's arguments that only those options read
+    (``kv_per_wins``, ``kv_downsample_kernels``, ``kv_downsample_ratios``, ``pe_stages``) are accepted and unused.
 
-    ``attn_type`` swaps the attention and nothing else (for the paper's comparison): None (default, the
-    reference: ``topks`` decide) or ``"bra"`` (the same), or one of :data:`~biformer.layers.ATTENTION_TYPES`
-    for every stage, or a list of 4. ``"shifted_window"`` shifts the windows by ``window // 2`` in every
-    second block of a stage (Swin). ``attn_kwargs`` (a dict for every stage, or a list of 4) sets the type's
-    options, e.g. ``{"window": 4}``; each type's size option has a per-stage default that gives a query about
-    as many keys as BRA in biformer_tiny at 224 px
-    (:data:`~biformer.layers.token_mixers.STAGE_SIZES`).
-
-    ``auto_pad=True`` lets the network take any H and W (BRA pads each map to a multiple of ``n_win``, the
-    reference's detection/segmentation semantics); with ``auto_pad=False`` the stage maps must be
-    multiples of ``n_win`` (224 px with n_win 7). The named variants use ``auto_pad=True``, which changes
-    nothing for sizes where no padding is needed.
-
-    timm options: ``global_pool`` (timm's pooling types, ``""`` for none; see
-    :meth:`~biformer.models._pyramid.PyramidClassifier.reset_classifier`), ``device`` and ``dtype`` (where and
-    in which floating-point type the parameters are made, as timm >= 1.0.21 models take them).
+    Args:
+        depth: blocks per stage.
+        in_chans: channels of the input images.
+        num_classes: classes of the ``head`` Linear (0: no head, pooled features are returned).
+        embed_dim: channels per stage.
+        head_dim: channels per BRA head: stage ``i`` has ``qk_dims[i] // head_dim`` heads.
+        qk_scale: BRA's attention and routing scale (default ``qk_dim ** -0.5``).
+        representation_size: only None (the reference's pre-logits layer is not implemented).
+        drop_path_rate: stochastic depth, rising linearly from 0 to this over all blocks.
+        drop_rate: dropout before the head.
+        use_checkpoint_stages: stages whose blocks are re-computed in backward (gradient checkpointing).
+        n_win: regions per side in every BRA.
+        kv_downsample_mode: only ``"identity"``.
+        topks: per stage, BRA's top-k (> 0), or ``-2`` (8-head attention with LePE, the released last stage) or
+            ``-1`` (8-head attention); see :func:`~biformer.layers.choose_token_mixer`.
+        side_dwconv: kernel of BRA's local-context conv and of the LePE (0 disables them).
+        layer_scale_init_value: > 0: learnable per-channel scales of the two branches, starting at this value.
+        qk_dims: per stage, channels of q and k in BRA (None: the stage's ``embed_dim``).
+        param_routing, diff_routing, soft_routing: only False.
+        pre_norm: norm before attention and MLP (False: the post-norm variant).
+        pe: only None; ``pe_stages`` is unused.
+        before_attn_dwconv: kernel of the conditional position encoding (depth-wise conv; 0 disables it).
+        auto_pad: BRA pads each map to a multiple of ``n_win`` so the network takes any H and W (the
+            reference's detection/segmentation semantics); False: the stage maps must be multiples of
+            ``n_win`` (224 px with n_win 7). The named variants use True, which changes nothing where no
+            padding is needed.
+        mlp_ratios: per stage, MLP hidden width over ``embed_dim``.
+        param_attention: only ``"qkvo"``.
+        mlp_dwconv: only False.
+        backend: attention backend of every BRA (see :func:`biformer.ops.available_backends`); None: the default.
+        region_sizes: per stage, None or a region side in tokens: regions of fixed size instead of ``n_win``
+            per side (see :class:`~biformer.layers.BiLevelRoutingAttention`; off by default for checkpoint
+            parity).
+        attn_type: swaps the attention and nothing else (the paper's comparison): None (default, the
+            reference: ``topks`` decide) or ``"bra"`` (the same), or one of
+            :data:`~biformer.layers.ATTENTION_TYPES` for every stage, or a list of 4. ``"shifted_window"``
+            shifts the windows by ``window // 2`` in every second block of a stage (Swin).
+        attn_kwargs: the type's options, a dict for every stage or a list of 4 (dicts or None), e.g.
+            ``{"window": 4}``; each type's size option has a per-stage default that gives a query about as
+            many keys as BRA in biformer_tiny at 224 px (:data:`~biformer.layers.token_mixers.STAGE_SIZES`).
+            Only with an ``attn_type`` other than ``"bra"``.
+        global_pool: timm's pooling types, ``""`` for none (see
+            :meth:`~biformer.models._pyramid.PyramidClassifier.reset_classifier`).
+        device: where the parameters are made (as timm >= 1.0.21 models take it).
+        dtype: the floating-point type of the parameters.
 
     Shapes: (N, in_chans, H, W) -> logits (N, num_classes).
     """
@@ -283,7 +283,7 @@ class BiFormer(PyramidClassifier):
         topks = check_stage_list(topks, "topks")
         mlp_ratios = check_stage_list(mlp_ratios, "mlp_ratios")
         region_sizes = check_stage_list(region_sizes or [None] * 4, "region_sizes")
-        attn_types, attn_options = stage_attention(attn_type, attn_kwargs)
+        attn_types, stage_attn_kwargs = stage_attention(attn_type, attn_kwargs)
         qk_dims = [q or d for q, d in zip(check_stage_list(qk_dims or [None] * 4, "qk_dims"), embed_dim)]
         self.in_chans = check_positive_int(in_chans, name="in_chans")
         head_dim = check_positive_int(head_dim, name="head_dim")
@@ -316,7 +316,7 @@ class BiFormer(PyramidClassifier):
                         topk=topks[i], mlp_ratio=mlp_ratios[i], side_dwconv=side_dwconv,
                         before_attn_dwconv=before_attn_dwconv, pre_norm=pre_norm, auto_pad=auto_pad,
                         backend=backend, region_size=region_sizes[i], attn_type=attn_types[i],
-                        attn_options=attn_options[i], shift=attn_types[i] == "shifted_window" and j % 2 == 1,
+                        attn_kwargs=stage_attn_kwargs[i], shift=attn_types[i] == "shifted_window" and j % 2 == 1,
                     )
                     for j in range(depth[i])
                 ]
@@ -327,103 +327,36 @@ class BiFormer(PyramidClassifier):
         self.norm = nn.BatchNorm2d(embed_dim[-1])
         self._init_feature_info()
         self._init_head(num_classes, global_pool, drop_rate)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         self._place(device, dtype)
 
 
-def _init_weights(module: nn.Module) -> None:
-    """The reference's init: truncated normal (std 0.02) Linear weights, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Accept the authors' checkpoint format and ours.
-
-    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}``, strips DistributedDataParallel ``module.``
-    prefixes and drops non-tensor entries. Head adaptation for another ``num_classes`` is done by timm
-    (the ``classifier`` entry of the pretrained config).
-    """
-    from ..checkpoint import unwrap_state_dict
-
-    return unwrap_state_dict(state_dict)
-
-
-def _cfg(url: str = "", **kwargs: object) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "downsample_layers.0.0",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2303.08810",
-        "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention",
-        "origin_url": "https://github.com/rayleizhu/BiFormer",
-        **kwargs,
-    }
-
-
-# The authors' published links (OneDrive shares; broken at the time of writing). Use a local file with
-# ``pretrained_cfg_overlay=dict(file=PATH)``.
-default_cfgs = generate_default_cfgs(
-    {
-        "biformer_tiny.in1k": _cfg(
-            url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHEOoGkgwgQzEDlM/root/content"
-        ),
-        "biformer_small.in1k": _cfg(
-            url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHDyM-x9KWRBZ832/root/content"
-        ),
-        "biformer_base.in1k": _cfg(
-            url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHI_XPhoadjaNxtO/root/content"
-        ),
-        "biformer_nano.untrained": _cfg(url=""),  # ours, defined at the end of this file; no released weights
-    }
-)
-
-_VARIANTS = {
-    "biformer_tiny": dict(depth=[2, 2, 8, 2], embed_dim=[64, 128, 256, 512]),
-    "biformer_small": dict(depth=[4, 4, 18, 4], embed_dim=[64, 128, 256, 512]),
-    "biformer_base": dict(depth=[4, 4, 18, 4], embed_dim=[96, 192, 384, 768]),
-}
-
-
-def _create_biformer(variant: str, pretrained: bool = False, **kwargs: object) -> BiFormer:
-    arch = dict(_VARIANTS[variant])
-    arch.update(
-        qk_dims=arch["embed_dim"], mlp_ratios=[3, 3, 3, 3], n_win=7, kv_downsample_mode="identity",
-        topks=[1, 4, 16, -2], side_dwconv=5, before_attn_dwconv=3, head_dim=32, auto_pad=True,
-    )
-    arch.update(kwargs)
-    return build_pyramid_model(BiFormer, variant, pretrained, checkpoint_filter_fn, kwargs, **arch)
+def _create_biformer(variant: str, pretrained: bool, model_args: dict, **kwargs: object) -> BiFormer:
+    """Build ``variant``: ``BiFormer``'s defaults (those of every variant), its ``model_args``, then the caller's
+    ``kwargs``. The named variants pad (``auto_pad=True``; nothing changes where no padding is needed)."""
+    architecture = {"auto_pad": True, **model_args, **kwargs}
+    return build_pyramid_model(BiFormer, variant, pretrained, checkpoint_filter_fn, kwargs, **architecture)
 
 
 @register_model
 def biformer_tiny(pretrained: bool = False, **kwargs: object) -> BiFormer:
     """BiFormer-T: 13.1 M parameters, 2.2 GMACs at 224 px, 81.4% ImageNet top-1."""
-    return _create_biformer("biformer_tiny", pretrained, **kwargs)
+    model_args = dict(depth=[2, 2, 8, 2], embed_dim=[64, 128, 256, 512], qk_dims=[64, 128, 256, 512])
+    return _create_biformer("biformer_tiny", pretrained, model_args, **kwargs)
 
 
 @register_model
 def biformer_small(pretrained: bool = False, **kwargs: object) -> BiFormer:
     """BiFormer-S: 25.5 M parameters, 4.5 GMACs at 224 px, 83.8% ImageNet top-1."""
-    return _create_biformer("biformer_small", pretrained, **kwargs)
+    model_args = dict(depth=[4, 4, 18, 4], embed_dim=[64, 128, 256, 512], qk_dims=[64, 128, 256, 512])
+    return _create_biformer("biformer_small", pretrained, model_args, **kwargs)
 
 
 @register_model
 def biformer_base(pretrained: bool = False, **kwargs: object) -> BiFormer:
     """BiFormer-B: 56.8 M parameters, 9.8 GMACs at 224 px, 84.3% ImageNet top-1."""
-    return _create_biformer("biformer_base", pretrained, **kwargs)
+    model_args = dict(depth=[4, 4, 18, 4], embed_dim=[96, 192, 384, 768], qk_dims=[96, 192, 384, 768])
+    return _create_biformer("biformer_base", pretrained, model_args, **kwargs)
 
 
 # --- biformer_nano ---------------------------------------------------------------------------------
@@ -435,15 +368,9 @@ def biformer_base(pretrained: bool = False, **kwargs: object) -> BiFormer:
 # For 224 px images its defaults are BiFormer-T's (``n_win`` 7, top-k 1, 4, 16); for small images pass fewer
 # regions, e.g. ``n_win=2, topks=[2, 2, 4, -2]`` at 32 px (stage maps 8, 4, 2, 1 pixels per side).
 
-NANO_ARCHITECTURE = dict(
-    depth=[1, 1, 2, 1], embed_dim=[32, 64, 128, 256], qk_dims=[32, 64, 128, 256], head_dim=16,
-    mlp_ratios=[3, 3, 3, 3], n_win=7, topks=[1, 4, 16, -2], side_dwconv=5, before_attn_dwconv=3, auto_pad=True,
-)
-
 @register_model
 def biformer_nano(pretrained: bool = False, **kwargs: object) -> BiFormer:
     """BiFormer-Nano: 1.71 M parameters; depth 1, 1, 2, 1; widths 32-256 (no released weights)."""
-    architecture = {**NANO_ARCHITECTURE, **kwargs}
-    if "embed_dim" in kwargs and "qk_dims" not in kwargs:
-        architecture["qk_dims"] = architecture["embed_dim"]
-    return build_pyramid_model(BiFormer, "biformer_nano", pretrained, checkpoint_filter_fn, kwargs, **architecture)
+    # qk_dims not set: they follow embed_dim, also when the caller changes embed_dim
+    model_args = dict(depth=[1, 1, 2, 1], embed_dim=[32, 64, 128, 256], head_dim=16)
+    return _create_biformer("biformer_nano", pretrained, model_args, **kwargs)

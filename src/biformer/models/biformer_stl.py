@@ -13,17 +13,18 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 
 from .._checks import check_positive_int
-from ..layers import AttentionLePE, AttentionLePENCHW, BiLevelRoutingAttention, BiLevelRoutingAttentionNCHW
+from ..layers import stage_token_mixer
+from ..layers.token_mixers import NCHW_GLOBAL_LEPE_KERNEL
+from ._base import checkpoint_filter_fn, default_cfgs, init_weights  # noqa: F401 (timm's register_model reads default_cfgs)
 from ._pyramid import PyramidClassifier, build_pyramid_model, check_stage_list, run_blocks, stochastic_depth_rates
-from .biformer import _cfg, _init_weights, checkpoint_filter_fn
 
 __all__ = ["BiFormerSTL", "BiFormerSTLNCHW"]
 
 # Kernel of the last stage's LePE in BiFormerSTLNCHW (the authors' nchwAttentionLePE default, never overridden).
-LAST_STAGE_LEPE_KERNEL = 5
+LAST_STAGE_LEPE_KERNEL = NCHW_GLOBAL_LEPE_KERNEL
 
 _NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {"BatchNorm2d": nn.BatchNorm2d, "LayerNorm2d": LayerNorm2d}
 
@@ -98,13 +99,14 @@ class STLStage(nn.Module):
 
 
 class _STLBase(PyramidClassifier):
-    """Shared constructor of the two Swin-layout models.
+    """Shared constructor of the two Swin-layout models (the arguments are listed in their docstrings).
 
     ``qk_scale`` is kept in the signature (the authors' constructors take it) but, as in their code, has no
     use: only None is accepted; any other value is refused in one line rather than silently ignored.
     """
 
     channels_last: bool
+    layout: str  # of the blocks' token mixers (biformer.layers.choose_token_mixer)
     min_input_size = 32  # the 4x4 patchify stem and three 2x2 mergings need at least 32 px
 
     def __init__(
@@ -159,9 +161,10 @@ class _STLBase(PyramidClassifier):
         for i in range(4):
             blocks = [
                 self._make_block(
-                    embed_dim[i], num_heads=embed_dim[i] // head_dim, n_win=n_wins[i], topk=topks[i],
-                    side_dwconv=side_dwconv, mlp_ratio=mlp_ratios[i], drop_path=rates[i][j],
-                    auto_pad=auto_pad, backend=backend,
+                    embed_dim[i], stage_token_mixer(
+                        embed_dim[i], topks[i], layout=self.layout, num_heads=embed_dim[i] // head_dim,
+                        n_win=n_wins[i], side_dwconv=side_dwconv, auto_pad=auto_pad, backend=backend,
+                    ), mlp_ratio=mlp_ratios[i], drop_path=rates[i][j],
                 )
                 for j in range(depth[i])
             ]
@@ -171,10 +174,10 @@ class _STLBase(PyramidClassifier):
         self.norm = resolve_norm_layer(pre_head_norm_layer or norm)(embed_dim[-1])
         self._init_feature_info()
         self._init_head(num_classes, global_pool, drop_rate)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         self._place(device, dtype)
 
-    def _make_block(self, dim: int, **kwargs: object) -> nn.Module:
+    def _make_block(self, dim: int, attn: nn.Module, *, mlp_ratio: float, drop_path: float) -> nn.Module:
         raise NotImplementedError
 
 
@@ -183,25 +186,39 @@ class BiFormerSTL(_STLBase):
 
     ``topks``: > 0 BRA, -1 plain attention, -2 attention with LePE on its input (8 heads).
     ``auto_pad`` (an addition) pads BRA maps to multiples of ``n_win`` so any input size >= 32 px works.
+
+    Args:
+        in_chans: channels of the input images.
+        num_classes: classes of the ``head`` Linear (0: no head, pooled features are returned).
+        depth: blocks per stage.
+        embed_dim: channels per stage.
+        head_dim: channels per BRA head (stage ``i`` has ``embed_dim[i] // head_dim`` heads).
+        qk_scale: only None (the authors' layers keep their default scale).
+        drop_path_rate: stochastic depth, rising linearly from 0 to this over all blocks.
+        drop_rate: dropout before the head.
+        use_checkpoint_stages: stages whose blocks are re-computed in backward (gradient checkpointing).
+        mlp_ratios: per stage, MLP hidden width over ``embed_dim``.
+        norm_layer: norm of the stem and of the patch mergings: a class or its name (``"BatchNorm2d"``,
+            ``"LayerNorm2d"``, ``"torch.nn.BatchNorm2d"``; looked up in a fixed table).
+        pre_head_norm_layer: norm before the head (None: ``norm_layer``).
+        n_wins: regions per side of each stage's BRA (one int for every stage, or a list of 4).
+        topks: per stage, BRA's top-k (> 0) or -1 / -2 for 8-head global attention (one int or a list of 4);
+            see :func:`~biformer.layers.choose_token_mixer`.
+        side_dwconv: kernel of BRA's local-context conv and of the -2 attention's LePE (0 disables them).
+        auto_pad: pad each BRA map to a multiple of ``n_win`` (then any input size >= 32 px works).
+        backend: attention backend of every BRA (see :func:`biformer.ops.available_backends`); None: the default.
+        global_pool: timm's pooling types, ``""`` for none.
+        device: where the parameters are made.
+        dtype: the floating-point type of the parameters.
+
     Shapes: (N, in_chans, H, W) -> (N, num_classes).
     """
 
     channels_last = True
     channels_last_memory = True  # NHWC stages: their permutes become free views
+    layout = "NHWC"
 
-    def _make_block(
-        self, dim: int, *, num_heads: int, n_win: int, topk: int, side_dwconv: int,
-        mlp_ratio: float, drop_path: float, auto_pad: bool, backend: str | None,
-    ) -> nn.Module:
-        if topk > 0:
-            attn = BiLevelRoutingAttention(
-                dim, num_heads=num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv,
-                auto_pad=auto_pad, backend=backend,
-            )
-        elif topk in (-1, -2):
-            attn = AttentionLePE(dim, num_heads=8, side_dwconv=side_dwconv if topk == -2 else 0)
-        else:
-            raise NotImplementedError(f"topks value {topk} is not implemented (use > 0, -1 or -2)")
+    def _make_block(self, dim: int, attn: nn.Module, *, mlp_ratio: float, drop_path: float) -> nn.Module:
         return STLBlockNHWC(dim, attn, mlp_ratio, drop_path)
 
 
@@ -211,53 +228,38 @@ class BiFormerSTLNCHW(_STLBase):
     ``topks``: > 0 BRA; -1 (or -2) attention with LePE on V (8 heads). Any input size >= 32 px works.
     ``side_dwconv`` sets the BRA stages' local-context kernel only: the plain-attention stage's LePE is always
     5x5, as in the authors' code (so their weights load whatever ``side_dwconv`` is).
+
+    Args:
+        in_chans, num_classes, depth, embed_dim, head_dim, qk_scale, drop_path_rate, drop_rate,
+            use_checkpoint_stages, mlp_ratios, norm_layer, pre_head_norm_layer, n_wins, backend, global_pool,
+            device, dtype: as :class:`BiFormerSTL`.
+        topks: per stage, BRA's top-k (> 0) or -1 (or -2) for 8-head global attention with a 5x5 LePE on V.
+        side_dwconv: kernel of the BRA stages' local-context conv (0 disables it).
+        auto_pad: accepted and unused: this BRA always pads, after the projection (the authors' semantics).
+
     Shapes: (N, in_chans, H, W) -> (N, num_classes).
     """
 
     channels_last = False
+    layout = "NCHW"
 
-    def _make_block(
-        self, dim: int, *, num_heads: int, n_win: int, topk: int, side_dwconv: int,
-        mlp_ratio: float, drop_path: float, auto_pad: bool, backend: str | None,
-    ) -> nn.Module:
-        if topk > 0:
-            attn = BiLevelRoutingAttentionNCHW(
-                dim, num_heads=num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv, backend=backend,
-            )
-        elif topk in (-1, -2):
-            # The authors' nchwAttentionLePE is always built with its default 5x5 LePE, whatever side_dwconv says.
-            attn = AttentionLePENCHW(dim, num_heads=8, side_dwconv=LAST_STAGE_LEPE_KERNEL)
-        else:
-            raise NotImplementedError(f"topks value {topk} is not implemented (use > 0 or -1)")
+    def _make_block(self, dim: int, attn: nn.Module, *, mlp_ratio: float, drop_path: float) -> nn.Module:
         return STLBlockNCHW(dim, attn, mlp_ratio, drop_path)
-
-
-default_cfgs = generate_default_cfgs(
-    {
-        "biformer_stl.in1k": _cfg(url="https://matix.li/4e9034a91a23"),
-        "biformer_stl_nchw.in1k": _cfg(
-            url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChWYrKbWbMgqd2Ai0/root/content"
-        ),
-    }
-)
-
-_STL_ARCH = dict(
-    depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], head_dim=32,
-    norm_layer="BatchNorm2d", n_wins=[7, 7, 7, 7], side_dwconv=5,
-)
-
-
 
 
 @register_model
 def biformer_stl(pretrained: bool = False, **kwargs: object) -> BiFormerSTL:
     """BiFormer-STL: Swin-T layout with BRA, 28.4 M parameters, 4.6 GMACs, 82.7% ImageNet top-1."""
-    arch = {**_STL_ARCH, "topks": [1, 4, 16, -2], "auto_pad": True, **kwargs}
-    return build_pyramid_model(BiFormerSTL, "biformer_stl", pretrained, checkpoint_filter_fn, kwargs, **arch)
+    model_args = dict(depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], norm_layer="BatchNorm2d",
+                      topks=[1, 4, 16, -2], auto_pad=True)
+    return build_pyramid_model(BiFormerSTL, "biformer_stl", pretrained, checkpoint_filter_fn, kwargs,
+                               **dict(model_args, **kwargs))
 
 
 @register_model
 def biformer_stl_nchw(pretrained: bool = False, **kwargs: object) -> BiFormerSTLNCHW:
     """BiFormer-STL with the authors' refactored NCHW BRA, 28.4 M parameters."""
-    arch = {**_STL_ARCH, "topks": [1, 4, 16, -1], **kwargs}
-    return build_pyramid_model(BiFormerSTLNCHW, "biformer_stl_nchw", pretrained, checkpoint_filter_fn, kwargs, **arch)
+    model_args = dict(depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], norm_layer="BatchNorm2d",
+                      topks=[1, 4, 16, -1])
+    return build_pyramid_model(BiFormerSTLNCHW, "biformer_stl_nchw", pretrained, checkpoint_filter_fn, kwargs,
+                               **dict(model_args, **kwargs))
