@@ -114,6 +114,8 @@ def test_register_backend_refuses_bad_names_and_layouts():
         register_backend("auto")
     with pytest.raises(ValueError, match=r"layout: expected one of \('regions', 'heads'\), got 'tokens'"):
         register_backend("mine", layout="tokens")
+    with pytest.raises(ValueError, match=r"capabilities: unknown flag\(s\) \['device'\]; known: \('auto', 'devices'"):
+        register_backend("mine", device="cpu")
     assert "mine" not in available_backends()
 
 

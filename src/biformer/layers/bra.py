@@ -190,13 +190,13 @@ class BiLevelRoutingAttention(nn.Module):
         # the graph then needs at least topk regions (its TopK raises otherwise), never a size-dependent k.
         symbolic_grid = isinstance(grid_h, torch.SymInt) or isinstance(grid_w, torch.SymInt)
         topk = self.topk if symbolic_grid else min(self.topk, grid_h * grid_w)
+
+        qkv = self.qkv(x)  # (N, H, W, 2*qk_dim + C)
         backend = resolve_backend(  # once per forward: the op runs the resolved backend as given
             self.backend, num_regions=grid_h * grid_w, topk=topk, tokens_per_region=region_h * region_w,
             device=x.device, needs_grad=torch.is_grad_enabled() and (x.requires_grad or self.wo.weight.requires_grad),
-            dtype=x.dtype, head_dim=max(self.qk_dim, self.dim) // self.num_heads,
+            dtype=qkv.dtype, head_dim=max(self.qk_dim, self.dim) // self.num_heads,
         )
-
-        qkv = self.qkv(x)  # (N, H, W, 2*qk_dim + C)
         attend = self._attend_region_layout if backend.layout == REGION_LAYOUT else self._attend_head_layout
         out, topk_index = attend(qkv, grid_h, grid_w, topk, backend)  # (N, H, W, C) attention + LCE
         out = self.wo(out)

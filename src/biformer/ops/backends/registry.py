@@ -9,8 +9,8 @@ takes and the capability flags :func:`select_backend` reads for ``auto`` (see :c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +26,7 @@ LARGE_SCORES = 2**20
 AUTO_FALLBACK = "gather"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Backend:
     """A registered attention backend.
 
@@ -100,6 +100,10 @@ def register_backend(
         raise ValueError(f"name: expected a new backend name, got {name!r} (taken)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    known = tuple(field.name for field in dataclasses.fields(Backend))[3:]
+    unknown = sorted(set(capabilities) - set(known))
+    if unknown:
+        raise ValueError(f"capabilities: unknown flag(s) {unknown}; known: {known}")
 
     def add(fn: AttentionFn) -> AttentionFn:
         _BACKENDS[name] = Backend(name, fn, layout, **capabilities)
