@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import check_feature_map, check_head_split, check_positive_int
-from ..ops.backends import REGION_LAYOUT, Backend, check_backend, resolve_backend, runs_whole_batch
+from ..ops.backends import REGION_LAYOUT, Backend, BackendChoice, resolve_backend, runs_whole_batch
 from ..ops.functional import routed_attention, routed_attention_heads
 from ..ops.regions import (
     head_region_means,
@@ -55,7 +55,7 @@ class QKVLinear(nn.Module):
         return self.qkv(x)
 
 
-class BiLevelRoutingAttention(nn.Module):
+class BiLevelRoutingAttention(BackendChoice, nn.Module):
     """Bi-Level Routing Attention on NHWC maps (Zhu et al., CVPR 2023).
 
     The map is split into ``n_win`` x ``n_win`` regions. Each query region picks the ``topk`` key regions
@@ -129,22 +129,12 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"qk_scale: expected None or a positive finite number, got {qk_scale!r}")
         self.scale = qk_scale or self.qk_dim**-0.5
         self.auto_pad = bool(auto_pad)
-        self.backend = backend  # validated by the property
+        self.backend = backend  # checked by BackendChoice
         self.routing_sink: tuple[dict, str] | None = None  # set by biformer.record_routing
         # Parameter creation order fixes the state_dict order: lepe, qkv, wo (as the reference).
         self.lepe = make_lepe(dim, side_dwconv)
         self.qkv = QKVLinear(dim, self.qk_dim)
         self.wo = nn.Linear(dim, dim)
-
-    @property
-    def backend(self) -> str | None:
-        """The attention backend's name (None: the current default, read once per forward); assigning a name
-        checks it (``ValueError`` naming the accepted ones)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str | None) -> None:
-        self._backend = check_backend(name)
 
     @property
     def needs_whole_batch(self) -> bool:

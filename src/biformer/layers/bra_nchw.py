@@ -7,14 +7,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_feature_map, check_positive_int
-from ..ops.backends import check_backend, resolve_backend, runs_whole_batch
+from ..ops.backends import BackendChoice, resolve_backend, runs_whole_batch
 from ..ops.functional import routed_attention
 from ..ops.regions import image_to_regions, pad_bottom_right, regions_to_image
 from ..ops.routing import route_regions
 from .bra import make_lepe
 
 
-class BiLevelRoutingAttentionNCHW(nn.Module):
+class BiLevelRoutingAttentionNCHW(BackendChoice, nn.Module):
     """BRA on NCHW maps with the refactored semantics of the reference's ``nchwBRA``.
 
     Differences from :class:`~biformer.layers.BiLevelRoutingAttention` (kept for checkpoint parity):
@@ -52,21 +52,11 @@ class BiLevelRoutingAttentionNCHW(nn.Module):
         if qk_scale is not None and not qk_scale > 0:
             raise ValueError(f"qk_scale: expected None or a positive number, got {qk_scale!r}")
         self.scale = qk_scale or dim**-0.5
-        self.backend = backend  # validated by the property
+        self.backend = backend  # checked by BackendChoice
         self.routing_sink: tuple[dict, str] | None = None  # set by biformer.record_routing
         self.lepe = make_lepe(dim, side_dwconv)
         self.qkv_linear = nn.Conv2d(dim, 3 * dim, kernel_size=1)
         self.output_linear = nn.Conv2d(dim, dim, kernel_size=1)
-
-    @property
-    def backend(self) -> str | None:
-        """The attention backend's name (None: the current default, read once per forward); assigning a name
-        checks it (``ValueError`` naming the accepted ones)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str | None) -> None:
-        self._backend = check_backend(name)
 
     @property
     def needs_whole_batch(self) -> bool:

@@ -223,6 +223,23 @@ def resolve_backend(backend: str | None, **sizes: object) -> Backend:
     return _BACKENDS[select_backend(backend, **sizes)]
 
 
+class BackendChoice:
+    """Mixin of the routed-attention layers: their ``backend`` attribute, checked whenever it is assigned.
+
+    ``layer.backend`` is a name from :func:`available_backends` or None (the current default, read once per
+    forward); assigning another value raises ``ValueError`` naming the accepted ones and keeps the old one.
+    """
+
+    @property
+    def backend(self) -> str | None:
+        """The attention backend's name, or None for the current default."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        self._backend = check_backend(name)
+
+
 def runs_whole_batch(backend: str | None) -> bool:
     """Whether a module with ``backend`` (None: the current default) must see the whole batch in one call:
     the backend's ``whole_batch`` flag (``reference``: the authors' data flow). False for ``auto``."""
