@@ -309,8 +309,8 @@ def _forward_backward(
 
 def check_triton(shapes: list[StageShape], dtypes: list[str], notes: list[str]) -> str:
     """Max |error| of triton's output and gradients against float64 gather, per shape and dtype
-    ("kernels ran": no means the backend used its gather fallback, see biformer.ops.triton_bra)."""
-    from biformer.ops.triton_bra import triton_can_run
+    ("kernels ran": no means the backend used its gather fallback, see biformer.ops.backends.triton)."""
+    from biformer.ops.backends.triton import triton_can_run
 
     rows = []
     for shape in shapes:

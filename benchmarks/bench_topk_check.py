@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from biformer.ops.attention import check_topk_index, routed_attention_heads
+from biformer.ops.checks import check_topk_index
+from biformer.ops.functional import routed_attention_heads
 
 # (stage, heads, head dim, tokens per region, topk) of biformer_tiny at 224 px, 7 x 7 regions
 STAGES = ((1, 2, 32, 64, 1), (2, 4, 32, 16, 4), (3, 8, 32, 4, 16))

@@ -77,7 +77,8 @@ class ExportResult:
 
 @contextlib.contextmanager
 def fixed_backend(model: nn.Module, backend: str = EXPORT_BACKEND) -> Iterator[nn.Module]:
-    """Run every BRA layer of ``model`` with attention backend ``backend`` inside the block (restored after)."""
+    """Run every BRA layer of ``model`` with attention backend ``backend`` inside the block (restored after),
+    set through each layer's ``backend`` property."""
     if backend not in available_backends() or backend == "auto":
         raise ValueError(f"backend: expected one of {available_backends()[1:]}, got {backend!r}")
     layers = [module for module in model.modules() if isinstance(module, ROUTED_LAYERS)]

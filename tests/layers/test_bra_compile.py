@@ -10,7 +10,7 @@ import torch._dynamo
 import biformer
 from biformer import BiLevelRoutingAttention
 from biformer.ops import routed_attention, routing_block_mask
-from biformer.ops.flex import flex_can_run
+from biformer.ops.backends.flex import flex_can_run
 
 flex_attention_module = pytest.importorskip("torch.nn.attention.flex_attention")
 
@@ -38,7 +38,7 @@ def test_default_backend_compiles_fullgraph_without_recompiling_for_a_new_batch(
             torch.testing.assert_close(out_second, model(second), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("topk", [3, 1])  # top-1 uses the gather fallback inside the same graph (see ops.flex)
+@pytest.mark.parametrize("topk", [3, 1])  # top-1 uses the gather fallback inside the same graph (see ops.backends.flex)
 def test_flex_backend_compiled_uses_flex_attention_and_matches_reference(topk):
     torch._dynamo.reset()
     from torch._inductor.compile_fx import compile_fx

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import biformer.ops.attention as attention_module
+import biformer.ops.backends.gather as gather_backend
 from biformer.ops import (
     gather_regions,
     head_region_means,
@@ -55,7 +55,7 @@ def test_chunked_inference_equals_whole_batch_products(monkeypatch, chunk_bytes)
     query, key, value = random_heads(2, 3, 4, 6, 6, 4, 4)
     topk_index = random_routing(3, 4, 2)
     expected = reference_heads(query, key, value, topk_index, 0.3)
-    monkeypatch.setattr(attention_module, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(gather_backend, "CHUNK_BYTES", chunk_bytes)
     with torch.no_grad():
         actual = routed_attention_heads(query, key, value, topk_index, scale=0.3, backend="gather")
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

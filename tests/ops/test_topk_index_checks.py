@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from biformer.ops import available_backends, routed_attention
-from biformer.ops.attention import routed_attention_heads
+from biformer.ops.functional import routed_attention_heads
 
 BACKENDS = available_backends()
 

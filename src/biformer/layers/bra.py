@@ -8,14 +8,8 @@ import torch
 import torch.nn as nn
 
 from .._checks import check_feature_map, check_head_split, check_positive_int, check_topk_fits, check_unsupported
-from ..ops.attention import (
-    REGION_LAYOUT,
-    backend_layout,
-    check_backend,
-    resolve_backend,
-    routed_attention,
-    routed_attention_heads,
-)
+from ..ops.backends import REGION_LAYOUT, Backend, BackendChoice, resolve_backend, runs_whole_batch
+from ..ops.functional import routed_attention, routed_attention_heads
 from ..ops.regions import (
     head_region_means,
     head_regions_to_image,
@@ -30,7 +24,7 @@ from .lepe import make_lepe
 from .qkv import QKVLinear
 
 
-class BiLevelRoutingAttention(nn.Module):
+class BiLevelRoutingAttention(BackendChoice, nn.Module):
     """Bi-Level Routing Attention on NHWC maps (Zhu et al., CVPR 2023).
 
     The map is split into ``n_win`` x ``n_win`` regions. Each query region picks the ``topk`` key regions
@@ -104,12 +98,18 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"qk_scale: expected None or a positive finite number, got {qk_scale!r}")
         self.scale = qk_scale or self.qk_dim**-0.5
         self.auto_pad = bool(auto_pad)
-        self.backend = check_backend(backend)
+        self.backend = backend  # checked by BackendChoice
         self.routing_sink: tuple[dict, str] | None = None  # set by biformer.record_routing
         # Parameter creation order fixes the state_dict order: lepe, qkv, wo (as the reference).
         self.lepe = make_lepe(dim, side_dwconv)
         self.qkv = QKVLinear(dim, self.qk_dim)
         self.wo = nn.Linear(dim, dim)
+
+    @property
+    def needs_whole_batch(self) -> bool:
+        """Whether a call must see the whole batch (a model may not split it into groups of images): its backend
+        keeps the authors' whole-batch data flow (``reference``) or its routing is being recorded (per call)."""
+        return self.routing_sink is not None or runs_whole_batch(self.backend)
 
     def extra_repr(self) -> str:
         return (
@@ -149,13 +149,14 @@ class BiLevelRoutingAttention(nn.Module):
         # the graph then needs at least topk regions (its TopK raises otherwise), never a size-dependent k.
         symbolic_grid = isinstance(grid_h, torch.SymInt) or isinstance(grid_w, torch.SymInt)
         topk = self.topk if symbolic_grid else min(self.topk, grid_h * grid_w)
-        backend = resolve_backend(
-            self.backend, num_regions=grid_h * grid_w, topk=topk, tokens_per_region=region_h * region_w,
-            device=x.device, needs_grad=torch.is_grad_enabled() and (x.requires_grad or self.wo.weight.requires_grad),
-        )
 
         qkv = self.qkv(x)  # (N, H, W, 2*qk_dim + C)
-        attend = self._attend_region_layout if backend_layout(backend) == REGION_LAYOUT else self._attend_head_layout
+        backend = resolve_backend(  # once per forward: the op runs the resolved backend as given
+            self.backend, num_regions=grid_h * grid_w, topk=topk, tokens_per_region=region_h * region_w,
+            device=x.device, needs_grad=torch.is_grad_enabled() and (x.requires_grad or self.wo.weight.requires_grad),
+            dtype=qkv.dtype, head_dim=max(self.qk_dim, self.dim) // self.num_heads,
+        )
+        attend = self._attend_region_layout if backend.layout == REGION_LAYOUT else self._attend_head_layout
         out, topk_index = attend(qkv, grid_h, grid_w, topk, backend)  # (N, H, W, C) attention + LCE
         out = self.wo(out)
         if is_symbolic(height, width):
@@ -177,7 +178,7 @@ class BiLevelRoutingAttention(nn.Module):
         return self.lepe(value_image).permute(0, 2, 3, 1).contiguous()  # a view when the conv keeps NHWC
 
     def _attend_region_layout(
-        self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: str
+        self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: Backend
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's data flow (regions of tokens, channels last): used by the ``reference`` backend."""
         region_h, region_w = qkv.shape[1] // grid_h, qkv.shape[2] // grid_w
@@ -196,7 +197,7 @@ class BiLevelRoutingAttention(nn.Module):
         return (out if local_context is None else out + local_context), topk_index
 
     def _attend_head_layout(
-        self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: str
+        self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: Backend
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fast data flow: one copy of q, k, v into head-major regions, the output added to the LCE
         map in the same pass that puts it back in image order."""

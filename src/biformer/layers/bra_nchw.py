@@ -7,13 +7,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_feature_map, check_head_split, check_positive_int, check_topk_fits
-from ..ops.attention import check_backend, routed_attention
+from ..ops.backends import BackendChoice, resolve_backend, runs_whole_batch
+from ..ops.functional import routed_attention
 from ..ops.regions import image_to_regions, pad_bottom_right, regions_to_image
 from ..ops.routing import route_regions
 from .lepe import make_lepe
 
 
-class BiLevelRoutingAttentionNCHW(nn.Module):
+class BiLevelRoutingAttentionNCHW(BackendChoice, nn.Module):
     """BRA on NCHW maps with the refactored semantics of the reference's ``nchwBRA``.
 
     Differences from :class:`~biformer.layers.BiLevelRoutingAttention` (kept for checkpoint parity):
@@ -49,11 +50,17 @@ class BiLevelRoutingAttentionNCHW(nn.Module):
         if qk_scale is not None and not qk_scale > 0:
             raise ValueError(f"qk_scale: expected None or a positive number, got {qk_scale!r}")
         self.scale = qk_scale or dim**-0.5
-        self.backend = check_backend(backend)
+        self.backend = backend  # checked by BackendChoice
         self.routing_sink: tuple[dict, str] | None = None  # set by biformer.record_routing
         self.lepe = make_lepe(dim, side_dwconv)
         self.qkv_linear = nn.Conv2d(dim, 3 * dim, kernel_size=1)
         self.output_linear = nn.Conv2d(dim, dim, kernel_size=1)
+
+    @property
+    def needs_whole_batch(self) -> bool:
+        """Whether a call must see the whole batch (a model may not split it into groups of images): its backend
+        keeps the authors' whole-batch data flow (``reference``) or its routing is being recorded (per call)."""
+        return self.routing_sink is not None or runs_whole_batch(self.backend)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}"
@@ -79,13 +86,18 @@ class BiLevelRoutingAttentionNCHW(nn.Module):
 
         qkv_nhwc, _, _ = pad_bottom_right(qkv.permute(0, 2, 3, 1), region_h, region_w)  # (N, H', W', 3C)
         qkv_regions = image_to_regions(qkv_nhwc, grid_h, grid_w)  # (N, R, h*w, 3C)
+        backend = resolve_backend(  # once per forward: the op runs the resolved backend as given
+            self.backend, num_regions=qkv_regions.shape[1], topk=topk, tokens_per_region=qkv_regions.shape[2],
+            device=x.device, needs_grad=torch.is_grad_enabled() and qkv_regions.requires_grad, dtype=qkv.dtype,
+            head_dim=self.dim // self.num_heads,
+        )
         out = routed_attention(
             qkv_regions[..., : self.dim],
             qkv_regions[..., self.dim :],
             topk_index,
             num_heads=self.num_heads,
             scale=self.scale,
-            backend=self.backend,
+            backend=backend,
             check_index=False,  # from topk: valid by construction
         )  # (N, R, h*w, C)
         out = regions_to_image(out, grid_h, grid_w, region_h, region_w)[:, :height, :width]  # (N, H, W, C)

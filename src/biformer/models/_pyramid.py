@@ -29,7 +29,6 @@ from ..layers import (
     BiLevelRoutingAttentionNCHW,
     ProjectedAttention,
 )
-from ..ops.attention import uses_reference_backend
 
 NUM_STAGES = 4
 
@@ -156,7 +155,7 @@ def _must_see_whole_batch(blocks: nn.Module) -> bool:
     """Whether a BRA module among ``blocks`` needs the whole batch in one call: it runs the reference
     formulation (kept as the authors' data flow) or its routing is being recorded (records are per call)."""
     return any(
-        uses_reference_backend(module.backend) or module.routing_sink is not None
+        module.needs_whole_batch
         for module in blocks.modules()
         if isinstance(module, (BiLevelRoutingAttention, BiLevelRoutingAttentionNCHW))
     )

@@ -1,16 +1,13 @@
-"""Functional building blocks of Bi-Level Routing Attention."""
+"""Functional building blocks of Bi-Level Routing Attention.
 
-from .attention import (
-    attention_backend,
-    available_backends,
-    gather_routed,
-    get_default_backend,
-    routed_attention,
-    routed_attention_heads,
-    select_backend,
-)
-from .flex import routing_block_mask
-from .gather import gather_regions
+:mod:`~biformer.ops.functional` holds the routed-attention functions, :mod:`~biformer.ops.backends` one module
+per backend and the registry that chooses among them.
+"""
+
+from .backends import attention_backend, available_backends, get_default_backend, select_backend
+from .backends.flex import routing_block_mask
+from .functional import routed_attention, routed_attention_heads
+from .gather import gather_regions, gather_routed
 from .regions import (
     head_region_means,
     head_regions_to_image,

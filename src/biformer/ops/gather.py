@@ -88,3 +88,21 @@ def gather_regions(x: torch.Tensor, topk_index: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(heads, batch * regions, length * head_dim)  # a view for contiguous x
     gathered = gather_rows(rows, offset_region_index(topk_index))  # (heads, N * R * topk, L * d)
     return gathered.view(heads, batch, regions, topk * length, head_dim)
+
+
+def gather_routed(key_value: torch.Tensor, topk_index: torch.Tensor) -> torch.Tensor:
+    """Gather the tokens of each query region's routed regions without an expanded copy (region layout).
+
+    Args:
+        key_value: (N, R, L_kv, C) (may be a channel slice of a larger tensor).
+        topk_index: int64 (N, R, topk).
+
+    Returns:
+        (N * R, topk * L_kv, C): for query region ``n * R + r`` the tokens of its routed regions, in
+        routing order.
+    """
+    batch, regions, kv_len, channels = key_value.shape
+    topk = topk_index.shape[-1]
+    flat = key_value.reshape(batch * regions, kv_len, channels)
+    gathered = flat.index_select(0, offset_region_index(topk_index))  # (N * R * topk, L_kv, C)
+    return gathered.view(batch * regions, topk * kv_len, channels)

@@ -124,3 +124,16 @@ def head_region_means(x: torch.Tensor) -> torch.Tensor:
     """
     heads, batch, regions, _, head_dim = x.shape
     return x.mean(dim=3).permute(1, 2, 0, 3).reshape(batch, regions, heads * head_dim)
+
+
+def regions_to_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Region layout to head-major layout: (N, R, L, heads * d) -> contiguous (heads, N, R, L, d)."""
+    batch, regions, length, channels = x.shape
+    x = x.reshape(batch, regions, length, num_heads, channels // num_heads)
+    return x.permute(3, 0, 1, 2, 4).contiguous()  # (heads, N, R, L, d)
+
+
+def heads_to_regions(x: torch.Tensor) -> torch.Tensor:
+    """Head-major layout to region layout: (heads, N, R, L, d) -> (N, R, L, heads * d)."""
+    heads, batch, regions, length, head_dim = x.shape
+    return x.permute(1, 2, 3, 0, 4).reshape(batch, regions, length, heads * head_dim)

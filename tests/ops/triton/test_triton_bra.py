@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from biformer import BiLevelRoutingAttention
-from biformer.ops import routed_attention_heads, triton_bra
-from biformer.ops.triton_bra import transposed_routing, triton_available
+from biformer.ops import routed_attention_heads
+from biformer.ops.backends import triton as triton_bra
+from biformer.ops.backends.triton import transposed_routing, triton_available
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +185,7 @@ def test_kernels_compile_for_an_nvidia_gpu(tmp_path, monkeypatch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from biformer.ops import _triton_kernels as kernels
+    from biformer.ops.backends import _triton_kernels as kernels
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TRITON_INTERPRET")

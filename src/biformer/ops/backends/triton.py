@@ -1,4 +1,4 @@
-"""Fused gather + attention for routed (BRA) attention in Triton, forward and backward.
+"""``triton``: fused gather + attention for routed (BRA) attention in Triton, forward and backward.
 
 The other backends copy the routed keys and values before attention (``gather``, ``sdpa``: ``topk`` times
 the size of K/V) or compute every score (``dense``). The kernels here read the routed regions' keys and
@@ -32,6 +32,9 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
+
+from .gather import gather_attention
+from .registry import register_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -254,3 +257,11 @@ def triton_routed_attention(
         _as_rows(query), _as_rows(key), _as_rows(value), topk_index.contiguous(), float(scale), interpret
     )
     return out.view(heads, batch, *out.shape[1:])
+
+
+@register_backend("triton", devices=("cuda",), dtypes=SUPPORTED_DTYPES, max_head_dim=MAX_HEAD_DIM)
+def triton_attention_backend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk_index: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """Fused gather + attention Triton kernels; ``gather`` where they cannot run (see above)."""
+    return triton_routed_attention(query, key, value, topk_index, scale=scale, fallback=gather_attention)

@@ -1,6 +1,6 @@
 """The Triton kernels of the ``triton`` backend (imported only when that backend runs; needs ``triton``).
 
-The functions here are plain Python functions written in Triton's language; :mod:`biformer.ops.triton_bra`
+The functions here are plain Python functions written in Triton's language; :mod:`biformer.ops.backends.triton`
 turns them into GPU kernels (``triton.jit``) or interpreted CPU kernels (``TRITON_INTERPRET=1``) and
 launches them. All three take head-major tensors flattened to (B = heads * N, R, L, d), addressed through
 their strides, and the routing ``IDX`` (N, R, topk) (contiguous), with ``n = b % N``.

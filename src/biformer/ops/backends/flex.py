@@ -1,11 +1,11 @@
-"""FlexAttention for routed attention: a block mask from the routing, guarded against its known traps.
+"""``flex``: FlexAttention for routed attention, a block mask from the routing, guarded against its known traps.
 
 With region-major token order (each region's tokens contiguous) BRA is block-sparse attention: query
 block r (one region, L_q tokens) sees exactly the kv blocks ``topk_index[n, r]`` (L_kv tokens each). The
 block mask is built with ``BlockMask.from_kv_blocks``, the routed blocks marked *full* (no per-token
 masking inside them).
 
-Traps this module guards (measured with torch 2.14 on CPU, see ``../shared/PERF_NOTES.md``):
+Traps this module guards (measured with torch 2.14 on CPU):
 
 - Eager ``flex_attention`` ignores the block structure and evaluates ``mask_mod`` on every (q, kv)
   pair: with ``mask_mod=None`` it silently computes dense attention. The mask here always carries a
@@ -32,7 +32,9 @@ from collections.abc import Callable
 
 import torch
 
-from .routing import routing_mask
+from ..routing import routing_mask
+from .gather import gather_attention
+from .registry import register_backend
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -125,3 +127,11 @@ def flex_routed_attention(
 
     out = flex_attention(tokens(query), tokens(key), tokens(value), block_mask=mask, scale=scale)
     return out.transpose(0, 1).unflatten(2, (regions, q_len))  # (heads, N, R, L_q, d)
+
+
+@register_backend("flex")
+def flex_attention_backend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk_index: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """FlexAttention under ``torch.compile``; ``gather`` where FlexAttention cannot be used (see above)."""
+    return flex_routed_attention(query, key, value, topk_index, scale=scale, fallback=gather_attention)
