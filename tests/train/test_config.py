@@ -125,3 +125,44 @@ def test_every_field_has_help():
 def test_saved_yaml_is_plain(tmp_path):
     path = save_config(TrainConfig(), tmp_path / "config.yaml")
     assert yaml.safe_load(path.read_text())["model"] == "biformer_nano"
+
+
+def _every_option_at_its_default(task: str) -> dict:
+    """A config.yaml as the code before per-task options wrote it: every option of every task, flat."""
+    from biformer.train.config import option_default
+
+    values = {f.name: option_default(f) for f in config_fields()}
+    values.update(load_config(({"task": task}, "flags")).to_dict())
+    return values
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
+def test_old_flat_config_files_still_load(tmp_path, task):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_every_option_at_its_default(task), sort_keys=False))
+    config = load_config((load_yaml(path), str(path)))
+    assert config == load_config(({"task": task}, "flags"))
+    # written now: the shared options, then only the task's own (another task's would be refused on reading)
+    saved = yaml.safe_load(save_config(config, tmp_path / "new.yaml").read_text())
+    own = {f.name for f in dataclasses.fields(type(config.options))}
+    assert set(saved) == {f.name for f in dataclasses.fields(TrainConfig) if f.name != "options"} | own
+    assert load_config((saved, "new.yaml")) == config
+
+
+def test_task_options_live_in_the_task_dataclass():
+    from biformer.dense.engine_tasks import DenseOptions
+    from biformer.train.classification import ClassificationOptions
+
+    config = load_config(({"mixup": 0.8, "batch_size": 4}, "flags"))
+    assert isinstance(config.options, ClassificationOptions) and config.options.mixup == 0.8
+    assert config.mixup == 0.8  # read through the configuration as before
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert "mixup" not in shared and "architecture" not in shared
+    dense = load_config(({"task": "detection", "architecture": "retinanet"}, "flags"))
+    assert isinstance(dense.options, DenseOptions) and dense.options.architecture == "retinanet"
+    with pytest.raises(AttributeError, match="mixup"):
+        dense.mixup  # noqa: B018 - not an option of detection
+    with pytest.raises(ConfigError, match="option 'crop_pct': expected a fraction"):
+        load_config(({"crop_pct": 0.0}, "flags"))  # the task's own checks run
+    with pytest.raises(ConfigError, match="option 'val_scenes': expected an integer >= 1"):
+        load_config(({"task": "segmentation", "val_scenes": 0}, "flags"))

@@ -5,7 +5,9 @@ These adapters turn a :class:`~biformer.train.config.TrainConfig` into a
 loss and the metrics) and its datasets; the generic engine does the rest (progress bars, run folder,
 checkpoints, ``--resume``, torchrun).
 
-Options (TrainConfig fields) and what they mean here:
+Options and what they mean here (the shared ones are TrainConfig fields; ``architecture``, ``train_scenes``,
+``val_scenes``, ``num_classes``, ``head_channels`` and ``aux_head`` are the dense tasks' own,
+:class:`DenseOptions`, in ``config.options``):
 
 - ``architecture``: ``semantic_fpn`` (default) or ``upernet``; ``maskrcnn`` (default) or ``retinanet``.
 - ``model``: the backbone: ``shallow`` (default, about 1.9 M parameters with its head), ``micro`` (see
@@ -22,7 +24,7 @@ Options (TrainConfig fields) and what they mean here:
 - ``input_size``: scenes' side; detection: torchvision's ``min_size`` (``max_size`` = input_size for scenes,
   ``input_size * 1333 / 800`` for COCO). ``head_channels``: head width (default 64). ``aux_head``: UperNet's
   auxiliary FCN head (on by default).
-- Classification-only options (augmentation, mixup, label smoothing, ``crop_pct`` ...) are not used.
+- Classification's options (augmentation, mixup, label smoothing, ``crop_pct`` ...) are refused.
 
 The tasks' :attr:`defaults` replace the classification quick start's values (listed in docs/dense.md).
 """
@@ -30,6 +32,7 @@ The tasks' :attr:`defaults` replace the classification quick start's values (lis
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,8 +40,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..train.config import ConfigError, TrainConfig
-from ..train.data import DataError
+from ..train.config import TrainConfig
+from ..train.errors import ConfigError, DataError
+from ..train.options import TaskOptions, option
 from ..train.task import MetricSums, Task, TaskData, register_task
 from .backbone import load_backbone_weights
 from .loaders import CocoDetectionDataset, MaskFolderDataset
@@ -52,7 +56,7 @@ from .tasks import (
     cpu_model_options,
 )
 
-__all__ = ["DenseEngineTask", "DetectionEngineTask", "SegmentationEngineTask"]
+__all__ = ["DenseEngineTask", "DenseOptions", "DetectionEngineTask", "SegmentationEngineTask"]
 
 NAMED_BACKBONES = ("biformer_tiny", "biformer_small", "biformer_base")
 # Shared by both tasks: the small CPU recipe on 128 px scenes, 1 thread, composed scenes in memory (no worker).
@@ -62,21 +66,51 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+@dataclass
+class DenseOptions(TaskOptions):
+    """The options only segmentation and detection read (flags ``--architecture``, ``--train-scenes`` ...; YAML
+    keys of the same names)."""
+
+    architecture: str | None = option(
+        None, "segmentation: semantic_fpn or upernet; detection: maskrcnn or retinanet (None: semantic_fpn / "
+        "maskrcnn)"
+    )
+    train_scenes: int = option(4000, "dataset scenes: training scenes (from Fashion-MNIST's training crops)")
+    val_scenes: int = option(500, "dataset scenes: evaluation scenes (from Fashion-MNIST's test crops)")
+    num_classes: int | None = option(
+        None, "dataset maskfolder: classes in the masks, background included (ids 0..num_classes-1, 255 ignored)"
+    )
+    head_channels: int | None = option(
+        None, "width of the segmentation head / the detection FPN (None: 64, the CPU recipe)"
+    )
+    aux_head: bool = option(True, "upernet: the auxiliary FCN head on stage 3 (loss weight 0.4, training only)")
+
+    def validate(self, config: Any) -> None:
+        """Counts and widths: ConfigError naming the option."""
+        for name in ("train_scenes", "val_scenes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(self, name)}")
+        for name in ("num_classes", "head_channels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
+
+
 class DenseEngineTask(Task):
     """What segmentation and detection share: options, datasets, the dense task object."""
 
     architectures: ClassVar[dict[str, Any]]
     datasets: ClassVar[tuple[str, ...]]
     default_architecture: ClassVar[str]
-    unused_options = ("auto_augment", "color_jitter", "crop_pct", "cutmix", "download", "hflip", "in_chans",
-                      "interpolation", "mean", "mixup", "mixup_prob", "reprob", "scale", "smoothing", "std")
+    options_class = DenseOptions
+    options: DenseOptions
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
         if config.dataset not in self.datasets:
             raise ConfigError(f"option 'dataset': --task {self.name} expects one of {self.datasets}, "
                               f"got {config.dataset!r}")
-        self.architecture = config.architecture or self.default_architecture
+        self.architecture = self.options.architecture or self.default_architecture
         if self.architecture not in self.architectures:
             raise ConfigError(f"option 'architecture': --task {self.name} expects one of "
                               f"{sorted(self.architectures)}, got {self.architecture!r}")
@@ -115,7 +149,7 @@ class DenseEngineTask(Task):
                               f"got {config.input_size}")
         dense_class = SegmentationTask if self.name == "segmentation" else DetectionTask
         try:
-            scenes = dense_class.scenes(train_scenes=config.train_scenes, val_scenes=config.val_scenes,
+            scenes = dense_class.scenes(train_scenes=self.options.train_scenes, val_scenes=self.options.val_scenes,
                                         image_size=config.input_size, seed=config.seed,
                                         root=config.data_dir, architecture=self.architecture)
         except FileNotFoundError as error:
@@ -130,8 +164,8 @@ class DenseEngineTask(Task):
         backbone_options = {"n_win": "auto", "batch_norm": "train", **config.model_kwargs}
         if config.drop_path:
             backbone_options["drop_path_rate"] = config.drop_path
-        return cpu_model_options(self.name, self.architecture, config.head_channels, backbone_options,
-                                 auxiliary_head=config.aux_head)
+        return cpu_model_options(self.name, self.architecture, self.options.head_channels, backbone_options,
+                                 auxiliary_head=self.options.aux_head)
 
     def _dense_task(self, info: dict[str, Any]) -> SegmentationTask | DetectionTask:
         raise NotImplementedError
@@ -146,14 +180,14 @@ class DenseEngineTask(Task):
             ConfigError: naming the option.
         """
         config = self.config
-        if config.dataset == "maskfolder" and config.num_classes is None:
+        if config.dataset == "maskfolder" and self.options.num_classes is None:
             raise ConfigError("option 'num_classes': required for dataset 'maskfolder' (classes in the masks)")
         if config.dataset == "scenes" and (config.input_size is None or config.input_size < 28):
             raise ConfigError(f"option 'input_size': scenes need at least 28 px (a Fashion-MNIST crop), "
                               f"got {config.input_size}")
         if config.pretrained and not os.path.isfile(os.path.expanduser(config.pretrained)):
             raise ConfigError(f"option 'pretrained': no such file: {config.pretrained}")
-        num_classes = {"scenes": 11, "maskfolder": config.num_classes}.get(config.dataset, 2)
+        num_classes = {"scenes": 11, "maskfolder": self.options.num_classes}.get(config.dataset, 2)
         info = dict(class_names=[f"class {index}" for index in range(num_classes)], num_classes=num_classes,
                     in_chans=3, input_size=config.input_size)
         with torch.random.fork_rng(devices=[]):
@@ -211,19 +245,19 @@ class SegmentationEngineTask(DenseEngineTask):
 
     def _own_datasets(self, splits: tuple[str, ...]) -> tuple[Dataset | None, Dataset | None, list[str]]:
         config = self.config
-        if config.num_classes is None:
+        if self.options.num_classes is None:
             raise ConfigError("option 'num_classes': required for dataset 'maskfolder' (classes in the masks)")
 
         def folder(split: str) -> MaskFolderDataset:
             return MaskFolderDataset(self._split_path("images", split), self._split_path("annotations", split),
-                                     config.num_classes)
+                                     self.options.num_classes)
 
         try:
             train = folder(config.train_split) if "train" in splits else None
             evaluation = folder(config.val_split) if "eval" in splits else None
         except FileNotFoundError as error:
             raise DataError(f"dataset maskfolder: {error}") from error
-        return train, evaluation, ["background", *(f"class {i}" for i in range(1, config.num_classes))]
+        return train, evaluation, ["background", *(f"class {i}" for i in range(1, self.options.num_classes))]
 
     def _dense_task(self, info: dict[str, Any]) -> SegmentationTask:
         return SegmentationTask(None, None, info["num_classes"], architecture=self.architecture,

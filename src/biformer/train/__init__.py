@@ -6,16 +6,20 @@ registers the ``classification`` task (``biformer_nano`` is registered by ``impo
 """
 
 from . import classification  # noqa: F401  (registers the classification task)
-from .config import ConfigError, TrainConfig, load_config, load_yaml, save_config
+from .config import TrainConfig, load_config, load_yaml, save_config
 from .engine import Trainer, evaluate
+from .errors import ConfigError, DataError
+from .options import TaskOptions
 from .task import TASKS, MetricSums, Task, TaskData, get_task, register_task
 
 __all__ = [
     "TASKS",
     "ConfigError",
+    "DataError",
     "MetricSums",
     "Task",
     "TaskData",
+    "TaskOptions",
     "TrainConfig",
     "Trainer",
     "evaluate",

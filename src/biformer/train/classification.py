@@ -8,7 +8,9 @@ Metrics: top-1 and top-5 accuracy, mean loss, per-class accuracy and the confusi
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import timm
@@ -21,7 +23,7 @@ from timm.models import adapt_input_conv
 
 from ..checkpoint import read_state_dict
 from ..model_files import check_model_kwargs
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -32,11 +34,72 @@ from .data import (
     find_fashion_mnist,
     image_folder,
 )
+from .errors import ConfigError
+from .options import TaskOptions, option
 from .task import MetricSums, Task, TaskData, register_task
 
-__all__ = ["ClassificationMetrics", "ClassificationTask", "load_pretrained"]
+__all__ = ["ClassificationMetrics", "ClassificationOptions", "ClassificationTask", "load_pretrained"]
 
 DATASETS = ("fashion-mnist", "imagefolder", "csv")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "random")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class ClassificationOptions(TaskOptions):
+    """The options only classification reads: image channels and preprocessing, timm's augmentation, mixup and
+    label smoothing (flags ``--in-chans``, ``--mixup`` ...; YAML keys of the same names)."""
+
+    # --- data -----------------------------------------------------------------------------------
+    download: bool = option(True, "fashion-mnist: download with torchvision when it is not installed")
+    in_chans: int | None = option(None, "image channels (None: 1 for fashion-mnist, else 3)")
+    mean: list | None = option(None, "per-channel normalisation mean (None: the dataset's or ImageNet's)")
+    std: list | None = option(None, "per-channel normalisation std (None: the dataset's or ImageNet's)")
+    interpolation: str = option("bilinear", "resize interpolation (bilinear, bicubic)")
+    crop_pct: float = option(1.0, "evaluation: resize to input_size / crop_pct, then centre crop")
+    # --- augmentation (timm) --------------------------------------------------------------------
+    scale: list = option([0.75, 1.0], "random-resized-crop area range")
+    hflip: float = option(0.5, "horizontal flip probability")
+    color_jitter: float | None = option(None, "colour jitter strength (None: off)")
+    auto_augment: str | None = option(
+        None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9 (RandAugment); None: off"
+    )
+    reprob: float = option(0.0, "random erasing probability")
+    mixup: float = option(0.0, "mixup alpha (0: off)")
+    cutmix: float = option(0.0, "cutmix alpha (0: off)")
+    mixup_prob: float = option(1.0, "probability of applying mixup or cutmix to a batch")
+    smoothing: float = option(0.1, "label smoothing")
+
+    def validate(self, config: Any) -> None:
+        """Ranges of the preprocessing and augmentation options; ConfigError naming the option."""
+        if self.in_chans is not None and self.in_chans < 1:
+            raise ConfigError(f"option 'in_chans': expected None or an integer >= 1, got {self.in_chans}")
+        for name in ("hflip", "reprob", "mixup_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"option {name!r}: expected a probability in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"option 'smoothing': expected a value in [0, 1), got {self.smoothing}")
+        if (self.mixup > 0 or self.cutmix > 0) and config.batch_size % 2:
+            raise ConfigError(f"option 'batch_size': mixup/cutmix need an even batch size, got {config.batch_size}")
+        for name in ("mixup", "cutmix", "color_jitter"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"option {name!r}: expected a number >= 0, got {value}")
+        for name in ("mean", "std", "scale"):
+            values = getattr(self, name)
+            if values is not None and (not values or not all(_finite(value) for value in values)):
+                raise ConfigError(f"option {name!r}: expected a list of finite numbers, got {values!r}")
+        if self.std is not None and not all(value > 0 for value in self.std):
+            raise ConfigError(f"option 'std': expected positive numbers, got {self.std}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"option 'crop_pct': expected a fraction in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"option 'interpolation': expected one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ConfigError(f"option 'scale': expected [min, max] with 0 < min <= max <= 1, got {self.scale}")
 
 
 def _channels_stats(values: tuple[float, ...], in_chans: int) -> list[float]:
@@ -91,7 +154,8 @@ class ClassificationTask(Task):
     name = "classification"
     main_metric = "top1"
     plot_metrics = ("top1",)
-    unused_options = ("architecture", "aux_head", "head_channels", "num_classes", "train_scenes", "val_scenes")
+    options_class = ClassificationOptions
+    options: ClassificationOptions
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -103,41 +167,43 @@ class ClassificationTask(Task):
     def data_info(self, class_names: list[str]) -> dict[str, Any]:
         """What the model and preprocessing depend on, stored in checkpoints."""
         config = self.config
-        in_chans = config.in_chans or (1 if config.dataset == "fashion-mnist" else 3)
+        options = self.options
+        in_chans = options.in_chans or (1 if config.dataset == "fashion-mnist" else 3)
         if config.dataset == "fashion-mnist":
             default_mean, default_std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
         else:
             default_mean, default_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         for name in ("mean", "std"):
-            given = getattr(config, name)
+            given = getattr(options, name)
             if given is not None and len(given) not in (1, in_chans):
                 raise ConfigError(f"option {name!r}: expected 1 or {in_chans} values (one per channel), got "
                                   f"{len(given)}: {given}")
         input_size = config.input_size or timm.get_pretrained_cfg_value(config.model, "input_size")[-1]
         return dict(
             class_names=list(class_names), in_chans=in_chans, input_size=int(input_size),
-            mean=_channels_stats(tuple(config.mean or default_mean), in_chans),
-            std=_channels_stats(tuple(config.std or default_std), in_chans),
-            interpolation=config.interpolation, crop_pct=config.crop_pct,
+            mean=_channels_stats(tuple(options.mean or default_mean), in_chans),
+            std=_channels_stats(tuple(options.std or default_std), in_chans),
+            interpolation=options.interpolation, crop_pct=options.crop_pct,
         )
 
     def transform(self, info: dict[str, Any], training: bool) -> Any:
         """timm's training or evaluation transform for the data described by ``info``."""
-        config = self.config
+        options = self.options
         common = dict(input_size=info["input_size"], interpolation=info["interpolation"], mean=info["mean"],
                       std=info["std"])
         if not training:
             return create_transform(is_training=False, crop_pct=info["crop_pct"], **common)
         return create_transform(
-            is_training=True, scale=tuple(config.scale), hflip=config.hflip, color_jitter=config.color_jitter,
-            auto_augment=config.auto_augment, re_prob=config.reprob, re_mode="pixel", **common,
+            is_training=True, scale=tuple(options.scale), hflip=options.hflip, color_jitter=options.color_jitter,
+            auto_augment=options.auto_augment, re_prob=options.reprob, re_mode="pixel", **common,
         )
 
     def _datasets(self, mode: str) -> tuple[Any, Any, list[str]]:
         """(train factory, eval factory, class names): factories take (transform, classes)."""
         config = self.config
+        options = self.options
         if config.dataset == "fashion-mnist":
-            folder = find_fashion_mnist(config.data_dir, config.download)
+            folder = find_fashion_mnist(config.data_dir, options.download)
             return (lambda t, c: FashionMNIST(folder, "train", t, mode),
                     lambda t, c: FashionMNIST(folder, "test", t, mode), list(FashionMNIST.classes))
         if config.data_dir is None:
@@ -156,7 +222,7 @@ class ClassificationTask(Task):
 
     def build_data(self, splits: tuple[str, ...] = ("train", "eval"), info: dict[str, Any] | None = None) -> TaskData:
         """Datasets for ``splits``; ``info`` (from a checkpoint) fixes class names and preprocessing."""
-        in_chans = (info or {}).get("in_chans") or self.config.in_chans
+        in_chans = (info or {}).get("in_chans") or self.options.in_chans
         in_chans = in_chans or (1 if self.config.dataset == "fashion-mnist" else 3)
         mode = "L" if in_chans == 1 else "RGB"
         if in_chans not in (1, 3):
@@ -175,10 +241,10 @@ class ClassificationTask(Task):
         for split, dataset in (("train", train), ("eval", evaluation)):
             if dataset is not None and len(dataset) == 0:
                 raise DataError(f"{self.config.dataset}: the {split} split is empty")
-        config = self.config
-        if config.mixup > 0 or config.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
-                               label_smoothing=config.smoothing, num_classes=len(classes))
+        options = self.options
+        if options.mixup > 0 or options.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=options.mixup, cutmix_alpha=options.cutmix, prob=options.mixup_prob,
+                               label_smoothing=options.smoothing, num_classes=len(classes))
         return TaskData(train=train, eval=evaluation, collate_fn=collate_classification, info=info)
 
     # --- model ---------------------------------------------------------------------------------
@@ -191,7 +257,8 @@ class ClassificationTask(Task):
             ConfigError: naming the option.
         """
         config = self.config
-        in_chans = config.in_chans or (1 if config.dataset == "fashion-mnist" else 3)
+        options = self.options
+        in_chans = options.in_chans or (1 if config.dataset == "fashion-mnist" else 3)
         if in_chans not in (1, 3):
             raise ConfigError(f"option 'in_chans': images are read as 1 (L) or 3 (RGB) channels, got {in_chans}")
         if config.pretrained and not os.path.isfile(os.path.expanduser(config.pretrained)):
@@ -241,7 +308,7 @@ class ClassificationTask(Task):
         if self.mixup is not None:
             images, soft_targets = self.mixup(images, labels)  # soft_targets: (N, classes)
             return SoftTargetCrossEntropy()(model(images), soft_targets), len(labels)
-        return F.cross_entropy(model(images).float(), labels, label_smoothing=self.config.smoothing), len(labels)
+        return F.cross_entropy(model(images).float(), labels, label_smoothing=self.options.smoothing), len(labels)
 
     def new_metrics(self, info: dict[str, Any]) -> ClassificationMetrics:
         return ClassificationMetrics(len(info["class_names"]))

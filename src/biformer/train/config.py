@@ -1,15 +1,19 @@
-"""The training configuration: one flat dataclass, filled from defaults, then a YAML file, then flags.
+"""The training configuration: the shared options, filled from defaults, then a YAML file, then flags.
 
-Every field is also a command-line flag (``lr_base`` -> ``--lr-base``); the field's ``help`` metadata is the
-flag's help text. The defaults are the quick start's: ``biformer train`` with no arguments trains
-``biformer_nano`` on Fashion-MNIST. The resolved configuration is written to ``config.yaml`` in the run
-folder, and ``--resume RUN`` reads it back.
+:class:`TrainConfig` holds the options every task reads (model, data folder, optimisation, run); each task's own
+options (classification's augmentation, the dense tasks' architecture ...) are a small dataclass that the task
+declares (:class:`~biformer.train.options.TaskOptions`), held in ``TrainConfig.options``. The task registry
+(:mod:`biformer.train.registry`) merges them: every option is a command-line flag (``lr_base`` ->
+``--lr-base``; the field's ``help`` metadata is the flag's help text) and a key of the same flat YAML
+mapping. The defaults are the quick start's: ``biformer train`` with no arguments trains ``biformer_nano`` on
+Fashion-MNIST. The resolved configuration (shared options, then the task's) is written to ``config.yaml`` in
+the run folder, and ``--resume RUN`` reads it back.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,6 +22,10 @@ from typing import Any
 
 from .._optional import require
 from ..files import atomic_write  # raises WriteError naming the file when it cannot be written
+from .errors import ConfigError
+from .options import TaskOptions, field_default
+from .options import option as _option
+from .registry import check_task_options, option_owners, task_defaults, task_option_fields, task_options_class
 
 __all__ = ["PRECISIONS", "ConfigError", "TrainConfig", "load_config", "load_yaml", "save_config"]
 
@@ -27,17 +35,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def _yaml() -> Any:
     """PyYAML, imported on first use (the ``cli`` extra)."""
     return require("yaml", extra="cli", purpose="reading and writing YAML configurations")
-
-
-class ConfigError(ValueError):
-    """A configuration value or file that cannot be used; the message names the option."""
-
-
-def _option(default: Any, help_text: str) -> Any:
-    """A dataclass field with its command-line help; lists and dicts get a fresh copy per instance."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=dict(help=help_text))
-    return field(default=default, metadata=dict(help=help_text))
 
 
 @dataclass
@@ -66,13 +63,7 @@ class TrainConfig:
     data_dir: str | None = _option(None, "dataset folder (fashion-mnist: searched in the usual places if unset)")
     train_split: str = _option("train", "training split: sub-folder (imagefolder) or CSV name without .csv")
     val_split: str = _option("val", "evaluation split (fashion-mnist: always its 10k test set)")
-    download: bool = _option(True, "fashion-mnist: download with torchvision when it is not installed")
     input_size: int | None = _option(32, "image side in pixels (None: the model's default)")
-    in_chans: int | None = _option(None, "image channels (None: 1 for fashion-mnist, else 3)")
-    mean: list | None = _option(None, "per-channel normalisation mean (None: the dataset's or ImageNet's)")
-    std: list | None = _option(None, "per-channel normalisation std (None: the dataset's or ImageNet's)")
-    interpolation: str = _option("bilinear", "resize interpolation (bilinear, bicubic)")
-    crop_pct: float = _option(1.0, "evaluation: resize to input_size / crop_pct, then centre crop")
     workers: int = _option(1, "data-loading worker processes per rank (0: load in the training process)")
     bad_images: str = _option(
         "skip", "unreadable or corrupted images: skip (replace by the next readable one, count, report) or fail "
@@ -81,32 +72,6 @@ class TrainConfig:
     max_bad_images: float = _option(
         0.01, "skip: stop when more than this fraction of a split's images is unreadable (0: stop at the first)"
     )
-    # --- augmentation (timm) --------------------------------------------------------------------
-    scale: list = _option([0.75, 1.0], "random-resized-crop area range")
-    hflip: float = _option(0.5, "horizontal flip probability")
-    color_jitter: float | None = _option(None, "colour jitter strength (None: off)")
-    auto_augment: str | None = _option(
-        None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9 (RandAugment); None: off"
-    )
-    reprob: float = _option(0.0, "random erasing probability")
-    mixup: float = _option(0.0, "mixup alpha (0: off)")
-    cutmix: float = _option(0.0, "cutmix alpha (0: off)")
-    mixup_prob: float = _option(1.0, "probability of applying mixup or cutmix to a batch")
-    smoothing: float = _option(0.1, "label smoothing")
-    # --- detection and segmentation (--task segmentation | detection; see biformer.dense.engine_tasks) ----
-    architecture: str | None = _option(
-        None, "segmentation: semantic_fpn or upernet; detection: maskrcnn or retinanet (None: semantic_fpn / "
-        "maskrcnn)"
-    )
-    train_scenes: int = _option(4000, "dataset scenes: training scenes (from Fashion-MNIST's training crops)")
-    val_scenes: int = _option(500, "dataset scenes: evaluation scenes (from Fashion-MNIST's test crops)")
-    num_classes: int | None = _option(
-        None, "dataset maskfolder: classes in the masks, background included (ids 0..num_classes-1, 255 ignored)"
-    )
-    head_channels: int | None = _option(
-        None, "width of the segmentation head / the detection FPN (None: 64, the CPU recipe)"
-    )
-    aux_head: bool = _option(True, "upernet: the auxiliary FCN head on stage 3 (loss weight 0.4, training only)")
     # --- optimisation -----------------------------------------------------------------------------
     epochs: int = _option(8, "training epochs")
     batch_size: int = _option(128, "images per step per process")
@@ -171,12 +136,49 @@ class TrainConfig:
     wandb: bool = _option(False, "also log to Weights & Biases in offline mode (RUN/wandb; needs wandb installed)")
     log_every: int = _option(20, "log loss, learning rate and throughput every this many optimizer steps")
 
+    # --- the chosen task's own options (see biformer.train.options) --------------------------------
+    options: TaskOptions | None = field(default=None, metadata=dict(task_options=True))
+
+    def __post_init__(self) -> None:
+        """``options`` None or a mapping: the task's options dataclass (its defaults, or these values)."""
+        if self.options is None or isinstance(self.options, dict):
+            try:
+                options_class = task_options_class(self.task)
+            except ConfigError:
+                return  # an unknown task is reported when it is built (or by load_config)
+            self.options = options_class(**(self.options or {}))
+
+    def __getattr__(self, name: str) -> Any:
+        """``config.mixup`` for ``config.options.mixup``: the chosen task's options read as before."""
+        options = self.__dict__.get("options")
+        if not name.startswith("_") and options is not None and name in _names(type(options)):
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r} (not an option of task "
+                             f"{self.__dict__.get('task')!r})")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options as one flat mapping: the shared ones, then the task's (the layout of ``config.yaml``)."""
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in shared_fields()}
+        if self.options is not None:
+            values.update(self.options.to_dict())
+        return values
+
+
+def _names(options_class: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(options_class))
+
+
+def shared_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`TrainConfig` that are options (every task reads them), in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("task_options")]
 
 
 def _field_types() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+    """Every option by name: the shared ones, then each task's own (built-in tasks imported)."""
+    fields = {f.name: f for f in shared_fields()}
+    for name, option_field in task_option_fields().items():
+        fields.setdefault(name, option_field)
+    return fields
 
 
 def _expected_kind(config_field: dataclasses.Field) -> tuple[type, ...]:
@@ -232,27 +234,35 @@ def load_config(*layers: tuple[dict[str, Any], str]) -> TrainConfig:
     """Defaults, overridden by each ``(values, source)`` layer in turn (e.g. the YAML file, then flags).
 
     The defaults are TrainConfig's, with the chosen task's ``defaults`` over them (e.g. ``dataset: scenes``
-    for segmentation and detection)."""
+    for segmentation and detection), and its options dataclass's. The layers are flat mappings of shared and
+    task options alike; an option of another task is refused, unless it holds its default value (an older
+    run's ``config.yaml`` listed every option of every task): then it is left out.
+
+    Raises:
+        ConfigError: naming the option (an unknown one, a wrong type, another task's, a value out of range).
+    """
     merged: dict[str, Any] = {}
     for values, source in layers:
         merged.update(check_values(values, source))
-    from .task import check_task_options, task_defaults  # here: the task module imports this one
-
     task = merged.get("task", TrainConfig.task)
+    options_class = task_options_class(task)  # ConfigError for an unknown task
     check_task_options(task, merged)
     merged = {**task_defaults(task), **merged}  # the task's defaults, beneath
-    config = TrainConfig(**merged)
+    shared = {f.name for f in shared_fields()}
+    own = _names(options_class)
+    config = TrainConfig(**{name: value for name, value in merged.items() if name in shared},
+                         options=options_class(**{name: value for name, value in merged.items() if name in own}))
     validate(config)
     return config
 
 
 def validate(config: TrainConfig) -> None:
     """Cross-field and range checks; raises :class:`ConfigError` naming the option."""
-    positive = ("epochs", "batch_size", "accum_steps", "lr_base_size", "eval_every", "train_scenes", "val_scenes")
+    positive = ("epochs", "batch_size", "accum_steps", "lr_base_size", "eval_every")
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(config, name)}")
-    for name in ("input_size", "in_chans", "threads", "num_classes", "head_channels"):
+    for name in ("input_size", "threads"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
@@ -263,26 +273,19 @@ def validate(config: TrainConfig) -> None:
     if not 0.0 <= config.max_bad_images <= 1.0:
         raise ConfigError(f"option 'max_bad_images': expected a fraction in [0, 1], got {config.max_bad_images}")
     _check_run_name(config.name)
-    for name in ("hflip", "reprob", "mixup_prob"):
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            raise ConfigError(f"option {name!r}: expected a probability in [0, 1], got {getattr(config, name)}")
-    if not 0.0 <= config.smoothing < 1.0:
-        raise ConfigError(f"option 'smoothing': expected a value in [0, 1), got {config.smoothing}")
     if not 0.0 <= config.drop_path < 1.0:
         raise ConfigError(f"option 'drop_path': expected a value in [0, 1), got {config.drop_path}")
     if not 0.0 < config.model_ema_decay < 1.0:
         raise ConfigError(f"option 'model_ema_decay': expected a value in (0, 1), got {config.model_ema_decay}")
     if config.precision not in PRECISIONS:
         raise ConfigError(f"option 'precision': expected one of {PRECISIONS}, got {config.precision!r}")
-    if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
-        raise ConfigError(f"option 'batch_size': mixup/cutmix need an even batch size, got {config.batch_size}")
     _check_numbers(config)
-    if len(config.scale) != 2 or not 0 < config.scale[0] <= config.scale[1] <= 1:
-        raise ConfigError(f"option 'scale': expected [min, max] with 0 < min <= max <= 1, got {config.scale}")
     for name in ("lr", "clip_grad", "time_limit"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ConfigError(f"option {name!r}: expected None or a positive number, got {value}")
+    if config.options is not None:
+        config.options.validate(config)  # the task's own options
     _validate_scale_options(config)
 
 
@@ -310,11 +313,9 @@ def _validate_scale_options(config: TrainConfig) -> None:
         raise ConfigError(f"option 'decay_rate': expected a positive number, got {config.decay_rate}")
 
 
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "random")
 # Bounds of the options a number can make nonsensical (a negative decay, a NaN rate), checked before any data.
 _LOWER_BOUNDS = {"lr_base": (0.0, False), "weight_decay": (0.0, True), "warmup_epochs": (0.0, True),
-                 "warmup_lr": (0.0, True), "min_lr": (0.0, True), "seed": (0, True), "mixup": (0.0, True),
-                 "cutmix": (0.0, True), "color_jitter": (0.0, True)}
+                 "warmup_lr": (0.0, True), "min_lr": (0.0, True), "seed": (0, True)}
 
 
 def _finite(value: object) -> bool:
@@ -322,27 +323,16 @@ def _finite(value: object) -> bool:
 
 
 def _check_numbers(config: TrainConfig) -> None:
-    """Finite numbers, lower bounds, per-channel statistics, the crop, the interpolation, the device, the model's
-    keyword arguments (architecture arguments only); ConfigError naming the option."""
-    for config_field in dataclasses.fields(config):
-        value = getattr(config, config_field.name)
+    """Finite numbers (the task's options too), lower bounds, the device, the model's keyword arguments
+    (architecture arguments only); ConfigError naming the option."""
+    for name, value in config.to_dict().items():
         if isinstance(value, float) and not _finite(value):
-            raise ConfigError(f"option {config_field.name!r}: expected a finite number, got {value}")
+            raise ConfigError(f"option {name!r}: expected a finite number, got {value}")
     for name, (low, inclusive) in _LOWER_BOUNDS.items():
         value = getattr(config, name)
         if value is not None and (value < low or (value == low and not inclusive)):
             relation = ">=" if inclusive else ">"
             raise ConfigError(f"option {name!r}: expected a number {relation} {low:g}, got {value}")
-    for name in ("mean", "std", "scale"):
-        values = getattr(config, name)
-        if values is not None and (not values or not all(_finite(value) for value in values)):
-            raise ConfigError(f"option {name!r}: expected a list of finite numbers, got {values!r}")
-    if config.std is not None and not all(value > 0 for value in config.std):
-        raise ConfigError(f"option 'std': expected positive numbers, got {config.std}")
-    if not 0.0 < config.crop_pct <= 1.0:
-        raise ConfigError(f"option 'crop_pct': expected a fraction in (0, 1], got {config.crop_pct}")
-    if config.interpolation not in INTERPOLATIONS:
-        raise ConfigError(f"option 'interpolation': expected one of {INTERPOLATIONS}, got {config.interpolation!r}")
     if config.device is not None:
         import torch
 
@@ -385,8 +375,19 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
 
 
 def config_fields() -> list[dataclasses.Field]:
-    """The fields of :class:`TrainConfig`, in declaration order (one command-line flag each)."""
-    return list(dataclasses.fields(TrainConfig))
+    """Every option, one command-line flag and YAML key each: the shared fields of :class:`TrainConfig` in
+    declaration order, then each task's own options (an option several tasks own once)."""
+    return list(_field_types().values())
+
+
+def option_default(option_field: dataclasses.Field) -> Any:
+    """The default of an option (shared: TrainConfig's; a task's: its options dataclass's)."""
+    return field_default(option_field)
+
+
+def option_tasks(name: str) -> list[str]:
+    """The tasks that own option ``name`` (empty for a shared option, which every task reads)."""
+    return option_owners().get(name, [])
 
 
 def is_flag_switch(config_field: dataclasses.Field) -> bool:

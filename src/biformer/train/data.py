@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..images import ImageError, open_image
+from .errors import DataError  # noqa: F401  (raised here; also importable from this module, as before)
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -59,10 +60,6 @@ _IDX_FILES = {
 BAD_IMAGE_POLICIES = ("skip", "fail")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used: missing, empty, or malformed. The message says what to do."""
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

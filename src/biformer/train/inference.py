@@ -21,7 +21,8 @@ from timm.data import ImageNetInfo
 from ..checkpoint import load_checkpoint, read_state_dict
 from ..model_files import check_description, check_model_kwargs, check_weight_shapes, stored_shapes
 from .checkpoints import read_metadata
-from .config import ConfigError, TrainConfig, load_config
+from .config import TrainConfig, load_config
+from .errors import ConfigError
 from .task import Task, get_task
 
 __all__ = ["LoadedModel", "load_for_inference"]

@@ -13,7 +13,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["config_description", "list_configs", "resolve_config"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["RESUMABLE", "check_resume_values"]
 

@@ -26,20 +26,24 @@ The engine (:mod:`biformer.train.engine`) knows nothing about images or labels. 
 - ``defaults`` (class attribute, optional): values of shared options that differ for this task from
   :class:`~biformer.train.config.TrainConfig`'s (the classification quick start's), e.g. ``dataset`` or
   ``model``. :func:`~biformer.train.config.load_config` applies them beneath the YAML file and the flags.
-- ``unused_options`` (class attribute, optional): options of other tasks that this task does not read (e.g.
-  ``mixup`` for segmentation). Giving one a value other than its default is an error, not silently ignored.
+- ``options_class`` (class attribute, optional): a :class:`~biformer.train.options.TaskOptions` dataclass of the
+  options only this task reads (e.g. ``mixup`` for classification). The registry makes each a flag and a YAML
+  key; the run's values are ``config.options`` (also ``self.options``). Giving one while another task is
+  chosen is an error naming the option and the task, not silently ignored.
 
 A batch is whatever the collate function returns (tensors, or tuples/lists/dicts of them); the engine
-moves every tensor in it to the device. Tasks are registered by name with :func:`register_task`; the
-configuration's ``task`` field picks one (``biformer train --task NAME``). The built-in tasks
-(``classification``, and ``segmentation`` / ``detection`` from :mod:`biformer.dense.engine_tasks`) are
-imported on first use (:data:`BUILTIN_TASK_MODULES`).
+moves every tensor in it to the device. Tasks are registered by name with :func:`register_task`
+(:mod:`biformer.train.registry`); the configuration's ``task`` field picks one (``biformer train --task
+NAME``). The built-in tasks (``classification``, and ``segmentation`` / ``detection`` from
+:mod:`biformer.dense.engine_tasks`) are imported on first use (:data:`BUILTIN_TASK_MODULES`).
+
+Adding a task: one module with a ``Task`` subclass, its ``TaskOptions`` dataclass and ``@register_task``
+(imported before use, or listed in :data:`BUILTIN_TASK_MODULES` for a built-in one).
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -48,10 +52,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .options import TaskOptions
+from .registry import BUILTIN_TASK_MODULES, TASKS, check_task_options, register_task, task_class, task_defaults
 
-__all__ = ["BUILTIN_TASK_MODULES", "TASKS", "MetricSums", "Task", "TaskData", "check_task_options", "get_task",
-           "register_task", "task_class", "task_defaults"]
+__all__ = ["BUILTIN_TASK_MODULES", "TASKS", "MetricSums", "Task", "TaskData", "TaskOptions", "check_task_options",
+           "get_task", "register_task", "task_class", "task_defaults"]
 
 
 @dataclass
@@ -94,10 +100,15 @@ class Task(abc.ABC):
     main_metric: ClassVar[str]
     plot_metrics: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
-    unused_options: ClassVar[tuple[str, ...]] = ()
+    options_class: ClassVar[type[TaskOptions]] = TaskOptions
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        options = config.options if config.options is not None else self.options_class()
+        if not isinstance(options, self.options_class):
+            raise TypeError(f"{type(self).__name__}: config.options must be a {self.options_class.__name__}, got "
+                            f"{type(options).__name__} (the configuration is for task {config.task!r})")
+        self.options = options
 
     def check_options(self) -> None:  # noqa: B027 - optional hook
         """Refuse options that :meth:`build_model` would refuse, before any data is read (see the module doc).
@@ -119,54 +130,6 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def new_metrics(self, info: dict[str, Any]) -> MetricSums:
         """A fresh evaluation accumulator."""
-
-
-TASKS: dict[str, type[Task]] = {}
-# task name -> module that registers it, imported on first use
-BUILTIN_TASK_MODULES = {
-    "classification": "biformer.train.classification",
-    "segmentation": "biformer.dense.engine_tasks",
-    "detection": "biformer.dense.engine_tasks",
-}
-
-
-def register_task(task_class: type[Task]) -> type[Task]:
-    """Class decorator: make ``task_class`` available as ``--task task_class.name``."""
-    TASKS[task_class.name] = task_class
-    return task_class
-
-
-def task_class(name: str) -> type[Task]:
-    """The Task class registered as ``name`` (importing a built-in task's module on first use)."""
-    if name not in TASKS and name in BUILTIN_TASK_MODULES:
-        importlib.import_module(BUILTIN_TASK_MODULES[name])
-    if name not in TASKS:
-        available = sorted(set(TASKS) | set(BUILTIN_TASK_MODULES))
-        raise ConfigError(f"option 'task': unknown task {name!r}; available: {available}")
-    return TASKS[name]
-
-
-def task_defaults(name: str) -> dict[str, Any]:
-    """The option values task ``name`` uses instead of TrainConfig's defaults (empty for unknown names: the
-    error comes when the task is built)."""
-    try:
-        return dict(task_class(name).defaults)
-    except ConfigError:
-        return {}
-
-
-def check_task_options(name: str, given: dict[str, Any]) -> None:
-    """Refuse options ``given`` (by a file or flags) that task ``name`` would ignore (its ``unused_options``)
-    unless they hold their default value (a resumed run's config.yaml lists every option)."""
-    try:
-        unused = task_class(name).unused_options
-    except ConfigError:
-        return  # an unknown task is reported when it is built
-    defaults = TrainConfig()
-    for option in unused:
-        if option in given and given[option] != getattr(defaults, option):
-            raise ConfigError(f"option {option!r}: not used by task {name!r} (got {given[option]!r}); "
-                              f"remove it or choose another --task")
 
 
 def get_task(config: TrainConfig) -> Task:
