@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from ..comparison import ComparisonError, check_options, run_comparison
     from ..train import ConfigError
     from ..train.data import DataError
-    from .train import report_error
+    from .common import report_error
 
     try:
         options = options_from(args)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .._optional import require
 from ..files import atomic_write
-from .train import add_config_flags, given_config_values, report_error
+from .common import add_config_flags, given_config_values, report_error
 
 EPILOG = """\
 Our checkpoints (RUN/checkpoints/*.safetensors) know their dataset and preprocessing: `biformer eval FILE`
@@ -78,7 +78,7 @@ def _print_report(metrics: dict[str, Any], class_names: list[str], samples_name:
 def _write_dense_report(checkpoint: str, output: Path, config: Any, architecture: str, info: dict[str, Any],
                         metrics: dict[str, Any]) -> None:
     """Segmentation / detection: the scalar metrics (mIoU ... or mAP ...) printed, everything in eval.json."""
-    split = f"{config.val_scenes} validation scenes" if config.dataset == "scenes" else config.val_split
+    split = f"{config.options.val_scenes} validation scenes" if config.dataset == "scenes" else config.val_split
     print(f"{config.task} ({architecture}) on {config.dataset}, {split}:")
     for name, value in metrics.items():
         if isinstance(value, (int, float)):

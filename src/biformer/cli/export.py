@@ -26,8 +26,7 @@ from ..export import (
 )
 from ..hub import load_model
 from ..ops import available_backends
-from .show_routing import positive_int
-from .train import one_line
+from .common import one_line, positive_int
 
 COMMAND = "export"
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from ..train.inference import LoadedModel
 
-from .train import report_error
+from .common import report_error
 
 EPILOG = """\
 examples:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..hub import load_model
 from ..images import open_image
-from .train import one_line
+from .common import one_line, positive_int
 
 COMMAND = "show-routing"
 
@@ -29,17 +29,6 @@ def parse_point(text: str) -> tuple[float, float]:
     if not (math.isfinite(x) and math.isfinite(y)):
         raise argparse.ArgumentTypeError(f"expected X,Y in pixels of the image (e.g. 120,80), got {text!r}")
     return x, y
-
-
-def positive_int(text: str) -> int:
-    """A command-line integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 MAX_DPI = 1200

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+
+# the shared helpers (one_line, report_error are also importable from here, as before)
+from .common import add_config_flags, given_config_values, one_line, report_error  # noqa: F401
 
 EPILOG = """\
 Options are read from the defaults, then --config FILE (YAML, option: value), then the flags given here.
@@ -24,50 +24,6 @@ examples:
 """
 
 
-def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
-    """One flag per :class:`~biformer.train.config.TrainConfig` field (all of them, or ``names``).
-
-    Flags default to ``argparse.SUPPRESS``: only the ones given appear in the namespace, so they override
-    the configuration file without hiding it.
-    """
-    from ..train.config import TrainConfig, config_fields, is_flag_switch, parse_flag_value
-
-    wanted = set(names) if names is not None else None
-    group = parser.add_argument_group("configuration options (also valid as keys of the YAML file)")
-    default_config = TrainConfig()
-    for config_field in config_fields():
-        if wanted is not None and config_field.name not in wanted:
-            continue
-        flag = "--" + config_field.name.replace("_", "-")
-        default = getattr(default_config, config_field.name)
-        help_text = f"{config_field.metadata['help']} (default: {default})"
-        if is_flag_switch(config_field):
-            group.add_argument(flag, dest=config_field.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
-        else:
-            group.add_argument(flag, dest=config_field.name, default=argparse.SUPPRESS, help=help_text,
-                               metavar=config_field.name.upper(), type=_converter(config_field, parse_flag_value))
-
-
-def _converter(config_field: Any, parse: Callable[[Any, str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        from ..train.config import ConfigError
-
-        try:
-            return parse(config_field, text)
-        except ConfigError as error:
-            raise argparse.ArgumentTypeError(str(error).split(": ", 1)[-1]) from error
-
-    return convert
-
-
-def given_config_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The configuration options given as flags."""
-    from ..train.config import config_fields
-
-    return {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="train a model (no arguments: BiFormer-Nano on Fashion-MNIST)",
@@ -82,26 +38,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_config_flags(parser)
     parser.set_defaults(run=run)
     return parser
-
-
-def one_line(text: str) -> str:
-    """``text`` with line breaks and other control characters escaped (``\\n``, ``\\x85``): a message that
-    quotes a value given by the user stays one line."""
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
-def report_error(command: str, error: BaseException) -> int:
-    """Print ``error`` as a one-line command error; exit code 2.
-
-    An error raised in a data-loading worker process reaches us with the worker's traceback in its message
-    (torch's ``DataLoader`` re-raises it so); only the original message, its last line, is shown.
-    """
-    message = str(error)
-    if "\nOriginal Traceback" in message:
-        kind, _, text = message.rstrip().splitlines()[-1].partition(": ")  # "module.ErrorType: the message"
-        message = text if text and " " not in kind else kind
-    print(f"biformer {command}: error: {one_line(message)}", file=sys.stderr)
-    return 2
 
 
 def run(args: argparse.Namespace) -> int:
