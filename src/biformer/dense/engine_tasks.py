@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from ..train.config import TrainConfig
 from ..train.errors import ConfigError, DataError
-from ..train.options import TaskOptions, option
+from ..train.options import TaskOptions, check_counts, option
 from ..train.task import MetricSums, Task, TaskData, register_task
 from .backbone import load_backbone_weights
 from .loaders import CocoDetectionDataset, MaskFolderDataset
@@ -87,13 +87,7 @@ class DenseOptions(TaskOptions):
 
     def validate(self, config: Any) -> None:
         """Counts and widths: ConfigError naming the option."""
-        for name in ("train_scenes", "val_scenes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(self, name)}")
-        for name in ("num_classes", "head_channels"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
+        check_counts(self, ("train_scenes", "val_scenes"), ("num_classes", "head_channels"))
 
 
 class DenseEngineTask(Task):

@@ -35,7 +35,7 @@ from .data import (
     image_folder,
 )
 from .errors import ConfigError
-from .options import TaskOptions, option
+from .options import TaskOptions, check_counts, option
 from .task import MetricSums, Task, TaskData, register_task
 
 __all__ = ["ClassificationMetrics", "ClassificationOptions", "ClassificationTask", "load_pretrained"]
@@ -75,8 +75,7 @@ class ClassificationOptions(TaskOptions):
 
     def validate(self, config: Any) -> None:
         """Ranges of the preprocessing and augmentation options; ConfigError naming the option."""
-        if self.in_chans is not None and self.in_chans < 1:
-            raise ConfigError(f"option 'in_chans': expected None or an integer >= 1, got {self.in_chans}")
+        check_counts(self, optional_counts=("in_chans",))
         for name in ("hflip", "reprob", "mixup_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"option {name!r}: expected a probability in [0, 1], got {getattr(self, name)}")

@@ -23,7 +23,7 @@ from typing import Any
 from .._optional import require
 from ..files import atomic_write  # raises WriteError naming the file when it cannot be written
 from .errors import ConfigError
-from .options import TaskOptions, field_default
+from .options import TaskOptions, check_counts, field_default
 from .options import option as _option
 from .registry import check_task_options, option_owners, task_defaults, task_option_fields, task_options_class
 
@@ -258,14 +258,8 @@ def load_config(*layers: tuple[dict[str, Any], str]) -> TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     """Cross-field and range checks; raises :class:`ConfigError` naming the option."""
-    positive = ("epochs", "batch_size", "accum_steps", "lr_base_size", "eval_every")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(config, name)}")
-    for name in ("input_size", "threads"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
+    check_counts(config, ("epochs", "batch_size", "accum_steps", "lr_base_size", "eval_every"),
+                 ("input_size", "threads"))
     if config.workers < 0:
         raise ConfigError(f"option 'workers': expected an integer >= 0, got {config.workers}")
     if config.bad_images not in ("skip", "fail"):
@@ -291,13 +285,7 @@ def validate(config: TrainConfig) -> None:
 
 def _validate_scale_options(config: TrainConfig) -> None:
     """Checks of the recovery-checkpoint, data-pipeline, logging and schedule options."""
-    for name in ("keep_checkpoints", "repeated_aug", "log_every"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(config, name)}")
-    for name in ("checkpoint_every", "prefetch_factor"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
+    check_counts(config, ("keep_checkpoints", "repeated_aug", "log_every"), ("checkpoint_every", "prefetch_factor"))
     if config.checkpoint_minutes is not None and config.checkpoint_minutes <= 0:
         raise ConfigError(f"option 'checkpoint_minutes': expected None or a positive number of minutes, got "
                           f"{config.checkpoint_minutes}")

@@ -14,7 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TaskOptions", "field_default", "option"]
+from .errors import ConfigError
+
+__all__ = ["TaskOptions", "check_counts", "field_default", "option"]
 
 
 def option(default: Any, help_text: str) -> Any:
@@ -29,6 +31,22 @@ def field_default(option_field: dataclasses.Field) -> Any:
     if option_field.default_factory is not dataclasses.MISSING:
         return option_field.default_factory()
     return option_field.default
+
+
+def check_counts(values: Any, counts: tuple[str, ...] = (), optional_counts: tuple[str, ...] = ()) -> None:
+    """Options of ``values`` (an options object) that must be integers >= 1 (``counts``), or None or >= 1
+    (``optional_counts``).
+
+    Raises:
+        ConfigError: ``option 'epochs': expected an integer >= 1, got 0``.
+    """
+    for name in counts:
+        if getattr(values, name) < 1:
+            raise ConfigError(f"option {name!r}: expected an integer >= 1, got {getattr(values, name)}")
+    for name in optional_counts:
+        value = getattr(values, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"option {name!r}: expected None or an integer >= 1, got {value}")
 
 
 @dataclass
