@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 # The layers of the package, bottom first; docs/architecture.md shows the same table. A module may import from its
 # own layer and from the layers below it, never from a layer above. Names are the top-level modules and packages
 # of src/biformer ("__init__" is the package root, biformer/__init__.py, which registers the models with timm).
@@ -119,9 +117,6 @@ def test_the_imports_point_down_the_layers():
     assert not gone, f"no longer imported, delete from KNOWN_VIOLATIONS: {gone}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 part C: compare, evaluate, predict and show_routing import "
-                                       "cli/train.py, export imports cli/show_routing.py and cli/train.py (the shared "
-                                       "helpers move to one module)")
 def test_no_subcommand_imports_another():
     from biformer.cli import SUBCOMMANDS
 
@@ -179,7 +174,6 @@ def test_the_cycle_finder_finds_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 part C: train/config.py and train/task.py import each other")
 def test_no_import_cycles_inside_train():
     found = cycles(import_graph("biformer.train"))
     assert not found, f"import cycles inside biformer.train: {found}"
