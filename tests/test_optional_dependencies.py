@@ -100,7 +100,7 @@ CHILD = f"""
     import biformer
     from biformer.cli import main
     from biformer.hub import load_model
-    from biformer.model_files import model_from_checkpoint
+    from biformer.hub import model_from_checkpoint
 
     refused = []
     for name in {BLOCKED!r}:

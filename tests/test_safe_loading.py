@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 import biformer  # noqa: F401  (registers the models)
 from biformer.checkpoint import read_state_dict
 from biformer.cli import main
-from biformer.hub import load_model, load_pretrained, save_pretrained
-from biformer.model_files import architecture_arguments, model_from_checkpoint
+from biformer.hub import load_model, load_pretrained, model_from_checkpoint, save_pretrained
+from biformer.model_files import architecture_arguments
 from biformer.train.checkpoints import save_weights_with_metadata
 from biformer.train.classification import ClassificationTask
 from biformer.train.config import load_config

@@ -19,10 +19,11 @@ from timm.layers import DropPath
 from timm.models._hub import save_config_for_hf
 
 from .checkpoint import read_state_dict, save_weights
-from .model_files import check_hub_folder, described_checkpoint, model_from_checkpoint
+from .model_files import check_hub_folder
 from .models import MODEL_NAMES, RELEASED_MODEL_NAMES
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "hub_entry_point", "load_model", "load_pretrained", "save_pretrained"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "described_checkpoint", "hub_entry_point", "load_model", "load_pretrained",
+           "model_from_checkpoint", "save_pretrained"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -234,6 +235,50 @@ def load_model(model: str | None = None, checkpoint: str | os.PathLike | None = 
     if checkpoint is None:
         return timm.create_model(model, **kwargs)
     return _load_weight_file(model, Path(checkpoint), dict(kwargs))
+
+
+def model_from_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = None,
+                          **kwargs: object) -> nn.Module:
+    """The model a checkpoint the project writes holds, built and loaded (eval mode, on CPU).
+
+    Args:
+        checkpoint: a training checkpoint (``RUN/checkpoints/*.safetensors``: its configuration rebuilds the
+            exact network, ``model_kwargs`` included), a Hub-layout folder, or another weights file (the
+            authors' ``.pth``, a plain ``.safetensors``; then ``model_name`` names the architecture).
+        model_name: the registered model name; for a training checkpoint or a folder it must match the stored
+            one when given.
+        kwargs: passed to ``timm.create_model`` for folders and plain weights files (``num_classes`` ...).
+
+    The returned model's ``pretrained_cfg`` holds the checkpoint's preprocessing (input size, mean, std,
+    interpolation, crop), so an export or a routing picture uses the size the model was trained at.
+
+    Raises:
+        FileNotFoundError, ValueError: missing, unreadable, or a description that does not fit its weights.
+    """
+    path = Path(checkpoint)
+    if described_checkpoint(path):
+        from .train.inference import load_for_inference
+
+        if kwargs:
+            raise ValueError(f"checkpoint: {path} describes its own model; the options {sorted(kwargs)} cannot "
+                             f"change it")
+        loaded = load_for_inference(path, model_name)
+        info = loaded.info
+        model = loaded.model
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        cfg.update(input_size=(info["in_chans"], info["input_size"], info["input_size"]), mean=tuple(info["mean"]),
+                   std=tuple(info["std"]), interpolation=info["interpolation"], crop_pct=info["crop_pct"],
+                   architecture=loaded.config.model)
+        model.pretrained_cfg = cfg
+        return model
+    return load_model(model_name, path, **kwargs)
+
+
+def described_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a weights file carrying our training description (metadata ``biformer``)."""
+    from .train.checkpoints import read_metadata
+
+    return Path(path).is_file() and read_metadata(path) is not None
 
 
 def hub_entry_point(name: str) -> Callable[..., nn.Module]:

@@ -8,9 +8,9 @@ from it (:func:`architecture_arguments`, the allow-list), never ``pretrained``, 
 and compared with the shapes stored in the weights (:func:`check_weight_shapes`), so a 2 MB folder cannot make
 the program allocate a 1 GB network.
 
-:func:`model_from_checkpoint` is the one function that builds a model from any checkpoint the project writes
-(a training checkpoint, a Hub-layout folder, the authors' ``.pth`` or a plain weights file); ``predict``,
-``eval``, ``export``, ``show-routing`` and :func:`biformer.hub.load_model` use it.
+:func:`biformer.hub.model_from_checkpoint`, the one function that builds a model from any checkpoint the
+project writes, and the trainer's checkpoint reading use these checks. They sit below the trainer and the
+loaders (``docs/architecture.md``): nothing here imports from ``train``, ``dense`` or ``hub``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["MAX_MODEL_PARAMETERS", "architecture_arguments", "check_description", "check_hub_folder",
-           "check_model_kwargs", "check_weight_shapes", "described_checkpoint", "model_from_checkpoint",
-           "stored_shapes"]
+           "check_model_kwargs", "check_weight_shapes", "stored_shapes"]
 
 # A bound on what a description may ask for before its weights are compared (BiFormer-B has 57 M).
 MAX_MODEL_PARAMETERS = 2_000_000_000
@@ -72,7 +71,7 @@ def architecture_arguments(model_name: str) -> frozenset[str]:
 
 @cache
 def _backbone_arguments() -> frozenset[str]:
-    from .dense.backbone import BiFormerBackbone
+    from .models.backbone import BiFormerBackbone
 
     names = set(inspect.signature(BiFormerBackbone.__init__).parameters) - {"self", "variant"}
     names |= architecture_arguments("biformer_tiny")
@@ -170,52 +169,6 @@ def check_description(description: object, path: str | os.PathLike) -> dict[str,
     if (crop is not None or classification) and (not _is_number(crop) or not 0 < crop <= 1):
         raise ValueError(f"{where}: 'data.crop_pct' must be a number in (0, 1], got {crop!r:.80}")
     return dict(description)
-
-
-def model_from_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = None,
-                          **kwargs: object) -> nn.Module:
-    """The model a checkpoint the project writes holds, built and loaded (eval mode, on CPU).
-
-    Args:
-        checkpoint: a training checkpoint (``RUN/checkpoints/*.safetensors``: its configuration rebuilds the
-            exact network, ``model_kwargs`` included), a Hub-layout folder, or another weights file (the
-            authors' ``.pth``, a plain ``.safetensors``; then ``model_name`` names the architecture).
-        model_name: the registered model name; for a training checkpoint or a folder it must match the stored
-            one when given.
-        kwargs: passed to ``timm.create_model`` for folders and plain weights files (``num_classes`` ...).
-
-    The returned model's ``pretrained_cfg`` holds the checkpoint's preprocessing (input size, mean, std,
-    interpolation, crop), so an export or a routing picture uses the size the model was trained at.
-
-    Raises:
-        FileNotFoundError, ValueError: missing, unreadable, or a description that does not fit its weights.
-    """
-    from .hub import load_model
-
-    path = Path(checkpoint)
-    if described_checkpoint(path):
-        from .train.inference import load_for_inference
-
-        if kwargs:
-            raise ValueError(f"checkpoint: {path} describes its own model; the options {sorted(kwargs)} cannot "
-                             f"change it")
-        loaded = load_for_inference(path, model_name)
-        info = loaded.info
-        model = loaded.model
-        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-        cfg.update(input_size=(info["in_chans"], info["input_size"], info["input_size"]), mean=tuple(info["mean"]),
-                   std=tuple(info["std"]), interpolation=info["interpolation"], crop_pct=info["crop_pct"],
-                   architecture=loaded.config.model)
-        model.pretrained_cfg = cfg
-        return model
-    return load_model(model_name, path, **kwargs)
-
-
-def described_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a weights file carrying our training description (metadata ``biformer``)."""
-    from .train.checkpoints import read_metadata
-
-    return Path(path).is_file() and read_metadata(path) is not None
 
 
 def check_hub_folder(directory: Path, config: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from biformer.dense import BiFormerBackbone
-from biformer.dense.backbone import REFERENCE_N_WIN, auto_n_win
 from biformer.dense.segmentation import AuxiliaryFCNHead, upernet_biformer
 from biformer.dense.tasks import DetectionTask, SegmentationTask
+from biformer.models.backbone import REFERENCE_N_WIN, auto_n_win
 from dense.dense_helpers import TINY
 
 

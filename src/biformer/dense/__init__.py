@@ -7,7 +7,7 @@ builds Semantic FPN / UperNet; ``SceneDataset`` is an offline dataset of real Fa
 ``detection`` tasks of ``biformer train``.
 """
 
-from .backbone import BiFormerBackbone, LoadReport, auto_n_win, load_backbone_weights
+from ..models.backbone import BiFormerBackbone, LoadReport, auto_n_win, load_backbone_weights
 from .detection import (
     BiFormerFPN,
     maskrcnn_biformer,

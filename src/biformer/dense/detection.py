@@ -25,7 +25,7 @@ from torchvision.ops.feature_pyramid_network import (
 )
 
 from .._checks import check_positive_int
-from .backbone import BiFormerBackbone
+from ..models.backbone import BiFormerBackbone
 
 __all__ = [
     "BiFormerFPN",

@@ -13,7 +13,7 @@ Options and what they mean here (the shared ones are TrainConfig fields; ``archi
 - ``model``: the backbone: ``shallow`` (default, about 1.9 M parameters with its head), ``micro`` (see
   :data:`~biformer.dense.tasks.PRESETS`) or ``biformer_tiny`` / ``biformer_small`` / ``biformer_base``.
   ``model_kwargs``: more :class:`~biformer.dense.BiFormerBackbone` arguments; ``n_win`` defaults to ``"auto"``
-  (:func:`~biformer.dense.backbone.auto_n_win`: 4 for 128 px scenes). ``pretrained``: backbone weights
+  (:func:`~biformer.models.backbone.auto_n_win`: 4 for 128 px scenes). ``pretrained``: backbone weights
   (classification or dense checkpoints, loaded with :func:`~biformer.dense.load_backbone_weights`).
 - ``dataset``: ``scenes`` (default; the built-in Fashion-MNIST scenes, ``train_scenes`` / ``val_scenes`` of
   ``input_size`` px, composed once and kept in memory; ``data_dir``: the Fashion-MNIST idx folder when not
@@ -40,11 +40,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from ..models.backbone import load_backbone_weights
 from ..train.config import TrainConfig
 from ..train.errors import ConfigError, DataError
 from ..train.options import TaskOptions, check_counts, option
 from ..train.task import MetricSums, Task, TaskData, register_task
-from .backbone import load_backbone_weights
 from .loaders import CocoDetectionDataset, MaskFolderDataset
 from .tasks import (
     DETECTION_ARCHITECTURES,

@@ -19,7 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
 from .._checks import check_feature_map, check_positive_int
-from .backbone import BiFormerBackbone
+from ..models.backbone import BiFormerBackbone
 
 __all__ = [
     "AUXILIARY_LOSS_WEIGHT",

@@ -23,7 +23,7 @@ from timm.layers import LayerNorm2d, freeze_batch_norm_2d
 from .._checks import check_feature_map, check_topk_fits
 from ..checkpoint import read_state_dict, shape_mismatches, unwrap_state_dict
 from ..layers import BiLevelRoutingAttention
-from ..models import BiFormer
+from .biformer import BiFormer
 
 __all__ = ["BATCH_NORM_MODES", "REFERENCE_N_WIN", "BiFormerBackbone", "LoadReport", "auto_n_win",
            "load_backbone_weights"]
