@@ -15,14 +15,9 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
     return F.scaled_dot_product_attention(query, key, value, scale=scale)
 
 
-class AttentionLePE(nn.Module):
-    """Global attention on NHWC maps; LePE (depth-wise conv) on the attention *input* is added.
-
-    Reference ``AttentionLePE``: ``qkv`` Linear without bias, per-head scale ``(dim / num_heads) ** -0.5``,
-    ``proj`` Linear. With ``side_dwconv=0`` it is the reference's plain ``Attention``.
-
-    Shapes: (N, H, W, dim) -> (N, H, W, dim).
-    """
+class _GlobalAttentionLePE(nn.Module):
+    """The parameters both layouts share: ``qkv`` and ``proj`` projections (Linear for NHWC, 1x1 conv for NCHW),
+    the per-head scale ``(dim / num_heads) ** -0.5`` unless ``qk_scale`` is given, and the LePE conv."""
 
     def __init__(
         self,
@@ -37,9 +32,27 @@ class AttentionLePE(nn.Module):
         self.num_heads = check_positive_int(num_heads, name="num_heads")
         check_head_split(dim, None, num_heads)
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = self._projection(dim, 3 * dim, qkv_bias)
+        self.proj = self._projection(dim, dim, True)
         self.lepe = make_lepe(dim, side_dwconv)
+
+    @staticmethod
+    def _projection(in_channels: int, out_channels: int, bias: bool) -> nn.Module:
+        raise NotImplementedError
+
+
+class AttentionLePE(_GlobalAttentionLePE):
+    """Global attention on NHWC maps; LePE (depth-wise conv) on the attention *input* is added.
+
+    Reference ``AttentionLePE``: ``qkv`` Linear without bias, per-head scale ``(dim / num_heads) ** -0.5``,
+    ``proj`` Linear. With ``side_dwconv=0`` it is the reference's plain ``Attention``.
+
+    Shapes: (N, H, W, dim) -> (N, H, W, dim).
+    """
+
+    @staticmethod
+    def _projection(in_channels: int, out_channels: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_channels, out_channels, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) -> (N, H, W, C)."""
@@ -55,28 +68,15 @@ class AttentionLePE(nn.Module):
         return self.proj(out)
 
 
-class AttentionLePENCHW(nn.Module):
+class AttentionLePENCHW(_GlobalAttentionLePE):
     """Global attention on NCHW maps with 1x1-conv projections; LePE on V (reference ``nchwAttentionLePE``).
 
     Shapes: (N, dim, H, W) -> (N, dim, H, W).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = False,
-        qk_scale: float | None = None,
-        side_dwconv: int = 5,
-    ) -> None:
-        super().__init__()
-        self.dim = check_positive_int(dim, name="dim")
-        self.num_heads = check_positive_int(num_heads, name="num_heads")
-        check_head_split(dim, None, num_heads)
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.qkv = nn.Conv2d(dim, 3 * dim, kernel_size=1, bias=qkv_bias)
-        self.proj = nn.Conv2d(dim, dim, kernel_size=1)
-        self.lepe = make_lepe(dim, side_dwconv)
+    @staticmethod
+    def _projection(in_channels: int, out_channels: int, bias: bool) -> nn.Module:
+        return nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
