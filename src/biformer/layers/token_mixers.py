@@ -200,8 +200,13 @@ def choose_token_mixer(
         num_heads: heads of BRA and of the comparison types (global attention always has 8).
         layout: ``"NHWC"`` (``BiFormer``, ``BiFormerSTL``) or ``"NCHW"`` (``BiFormerSTLNCHW``: the authors'
             refactored layers, which take no ``qk_dim`` nor ``region_size``).
-        n_win, qk_dim, qk_scale, side_dwconv, auto_pad, backend, region_size: BRA's options
-            (:class:`~biformer.layers.BiLevelRoutingAttention`).
+        n_win: BRA's ``n_win`` (:class:`~biformer.layers.BiLevelRoutingAttention`).
+        qk_dim: BRA's ``qk_dim`` (:class:`~biformer.layers.BiLevelRoutingAttention`).
+        qk_scale: BRA's ``qk_scale`` (:class:`~biformer.layers.BiLevelRoutingAttention`).
+        side_dwconv: BRA's ``side_dwconv`` (:class:`~biformer.layers.BiLevelRoutingAttention`).
+        auto_pad: BRA's ``auto_pad`` (:class:`~biformer.layers.BiLevelRoutingAttention`).
+        backend: BRA's ``backend`` (:class:`~biformer.layers.BiLevelRoutingAttention`).
+        region_size: BRA's ``region_size`` (:class:`~biformer.layers.BiLevelRoutingAttention`).
         attn_kwargs: options of a comparison type (its size option and the like).
         shift: window types only: shift this block's windows (Swin's alternation).
 

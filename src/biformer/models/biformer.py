@@ -191,7 +191,9 @@ class BiFormer(PyramidClassifier):
         side_dwconv: kernel of BRA's local-context conv and of the LePE (0 disables them).
         layer_scale_init_value: > 0: learnable per-channel scales of the two branches, starting at this value.
         qk_dims: per stage, channels of q and k in BRA (None: the stage's ``embed_dim``).
-        param_routing, diff_routing, soft_routing: only False.
+        param_routing: only False.
+        diff_routing: only False.
+        soft_routing: only False.
         pre_norm: norm before attention and MLP (False: the post-norm variant).
         pe: only None; ``pe_stages`` is unused.
         before_attn_dwconv: kernel of the conditional position encoding (depth-wise conv; 0 disables it).

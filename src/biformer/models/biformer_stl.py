@@ -230,9 +230,23 @@ class BiFormerSTLNCHW(_STLBase):
     5x5, as in the authors' code (so their weights load whatever ``side_dwconv`` is).
 
     Args:
-        in_chans, num_classes, depth, embed_dim, head_dim, qk_scale, drop_path_rate, drop_rate,
-            use_checkpoint_stages, mlp_ratios, norm_layer, pre_head_norm_layer, n_wins, backend, global_pool,
-            device, dtype: as :class:`BiFormerSTL`.
+        in_chans: as :class:`BiFormerSTL`.
+        num_classes: as :class:`BiFormerSTL`.
+        depth: as :class:`BiFormerSTL`.
+        embed_dim: as :class:`BiFormerSTL`.
+        head_dim: as :class:`BiFormerSTL`.
+        qk_scale: as :class:`BiFormerSTL`.
+        drop_path_rate: as :class:`BiFormerSTL`.
+        drop_rate: as :class:`BiFormerSTL`.
+        use_checkpoint_stages: as :class:`BiFormerSTL`.
+        mlp_ratios: as :class:`BiFormerSTL`.
+        norm_layer: as :class:`BiFormerSTL`.
+        pre_head_norm_layer: as :class:`BiFormerSTL`.
+        n_wins: as :class:`BiFormerSTL`.
+        backend: as :class:`BiFormerSTL`.
+        global_pool: as :class:`BiFormerSTL`.
+        device: as :class:`BiFormerSTL`.
+        dtype: as :class:`BiFormerSTL`.
         topks: per stage, BRA's top-k (> 0) or -1 (or -2) for 8-head global attention with a 5x5 LePE on V.
         side_dwconv: kernel of the BRA stages' local-context conv (0 disables it).
         auto_pad: accepted and unused: this BRA always pads, after the projection (the authors' semantics).
