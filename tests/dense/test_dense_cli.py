@@ -231,6 +231,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, overrides, message):
 
 @pytest.mark.parametrize("task, option, value", [
     ("segmentation", "mixup", 0.8), ("detection", "hflip", 0.0), ("classification", "architecture", "upernet"),
+    ("detection", "aux_head", False), ("detection", "num_classes", 5), ("classification", "head_channels", 32),
 ])
 def test_options_another_task_would_read_are_refused(task, option, value):
     with pytest.raises(ConfigError, match=f"option '{option}': not used by task '{task}'"):

@@ -6,8 +6,8 @@ loss and the metrics) and its datasets; the generic engine does the rest (progre
 checkpoints, ``--resume``, torchrun).
 
 Options and what they mean here (the shared ones are TrainConfig fields; ``architecture``, ``train_scenes``,
-``val_scenes``, ``num_classes``, ``head_channels`` and ``aux_head`` are the dense tasks' own,
-:class:`DenseOptions`, in ``config.options``):
+``val_scenes`` and ``head_channels`` are both dense tasks' own, :class:`DenseOptions`; segmentation adds
+``num_classes`` and ``aux_head``, :class:`SegmentationOptions`; they are in ``config.options``):
 
 - ``architecture``: ``semantic_fpn`` (default) or ``upernet``; ``maskrcnn`` (default) or ``retinanet``.
 - ``model``: the backbone: ``shallow`` (default, about 1.9 M parameters with its head), ``micro`` (see
@@ -56,7 +56,7 @@ from .tasks import (
     cpu_model_options,
 )
 
-__all__ = ["DenseEngineTask", "DenseOptions", "DetectionEngineTask", "SegmentationEngineTask"]
+__all__ = ["DenseEngineTask", "DenseOptions", "DetectionEngineTask", "SegmentationEngineTask", "SegmentationOptions"]
 
 NAMED_BACKBONES = ("biformer_tiny", "biformer_small", "biformer_base")
 # Shared by both tasks: the small CPU recipe on 128 px scenes, 1 thread, composed scenes in memory (no worker).
@@ -68,8 +68,8 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
 
 @dataclass
 class DenseOptions(TaskOptions):
-    """The options only segmentation and detection read (flags ``--architecture``, ``--train-scenes`` ...; YAML
-    keys of the same names)."""
+    """The options segmentation and detection read and classification does not (flags ``--architecture``,
+    ``--train-scenes`` ...; YAML keys of the same names); detection's options."""
 
     architecture: str | None = option(
         None, "segmentation: semantic_fpn or upernet; detection: maskrcnn or retinanet (None: semantic_fpn / "
@@ -77,17 +77,29 @@ class DenseOptions(TaskOptions):
     )
     train_scenes: int = option(4000, "dataset scenes: training scenes (from Fashion-MNIST's training crops)")
     val_scenes: int = option(500, "dataset scenes: evaluation scenes (from Fashion-MNIST's test crops)")
-    num_classes: int | None = option(
-        None, "dataset maskfolder: classes in the masks, background included (ids 0..num_classes-1, 255 ignored)"
-    )
     head_channels: int | None = option(
         None, "width of the segmentation head / the detection FPN (None: 64, the CPU recipe)"
+    )
+
+    def validate(self, config: Any) -> None:
+        """Counts and widths: ConfigError naming the option."""
+        check_counts(self, ("train_scenes", "val_scenes"), ("head_channels",))
+
+
+@dataclass
+class SegmentationOptions(DenseOptions):
+    """Segmentation's options: the dense ones, plus the mask folder's class count and UperNet's auxiliary head
+    (detection has neither, so ``--task detection`` refuses them)."""
+
+    num_classes: int | None = option(
+        None, "dataset maskfolder: classes in the masks, background included (ids 0..num_classes-1, 255 ignored)"
     )
     aux_head: bool = option(True, "upernet: the auxiliary FCN head on stage 3 (loss weight 0.4, training only)")
 
     def validate(self, config: Any) -> None:
         """Counts and widths: ConfigError naming the option."""
-        check_counts(self, ("train_scenes", "val_scenes"), ("num_classes", "head_channels"))
+        super().validate(config)
+        check_counts(self, (), ("num_classes",))
 
 
 class DenseEngineTask(Task):
@@ -159,7 +171,7 @@ class DenseEngineTask(Task):
         if config.drop_path:
             backbone_options["drop_path_rate"] = config.drop_path
         return cpu_model_options(self.name, self.architecture, self.options.head_channels, backbone_options,
-                                 auxiliary_head=self.options.aux_head)
+                                 auxiliary_head=getattr(self.options, "aux_head", False))
 
     def _dense_task(self, info: dict[str, Any]) -> SegmentationTask | DetectionTask:
         raise NotImplementedError
@@ -174,14 +186,15 @@ class DenseEngineTask(Task):
             ConfigError: naming the option.
         """
         config = self.config
-        if config.dataset == "maskfolder" and self.options.num_classes is None:
+        maskfolder = config.dataset == "maskfolder"  # segmentation only: detection's datasets are scenes and coco
+        if maskfolder and self.options.num_classes is None:
             raise ConfigError("option 'num_classes': required for dataset 'maskfolder' (classes in the masks)")
         if config.dataset == "scenes" and (config.input_size is None or config.input_size < 28):
             raise ConfigError(f"option 'input_size': scenes need at least 28 px (a Fashion-MNIST crop), "
                               f"got {config.input_size}")
         if config.pretrained and not os.path.isfile(os.path.expanduser(config.pretrained)):
             raise ConfigError(f"option 'pretrained': no such file: {config.pretrained}")
-        num_classes = {"scenes": 11, "maskfolder": self.options.num_classes}.get(config.dataset, 2)
+        num_classes = self.options.num_classes if maskfolder else {"scenes": 11}.get(config.dataset, 2)
         info = dict(class_names=[f"class {index}" for index in range(num_classes)], num_classes=num_classes,
                     in_chans=3, input_size=config.input_size)
         with torch.random.fork_rng(devices=[]):
@@ -235,6 +248,8 @@ class SegmentationEngineTask(DenseEngineTask):
     architectures = SEGMENTATION_ARCHITECTURES
     datasets = ("scenes", "maskfolder")
     default_architecture = "semantic_fpn"
+    options_class = SegmentationOptions
+    options: SegmentationOptions
     defaults: ClassVar[dict[str, Any]] = dict(COMMON_DEFAULTS, lr_base=2e-3, epochs=8)
 
     def _own_datasets(self, splits: tuple[str, ...]) -> tuple[Dataset | None, Dataset | None, list[str]]:
