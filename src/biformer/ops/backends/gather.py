@@ -25,36 +25,39 @@ def _chunk_starts(total: int, chunk: int) -> list[tuple[int, int]]:
 def _chunked_gather_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk_index: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Inference form of :func:`gather_attention`: one head and a block of query regions at a time.
+    """Inference form of :func:`gather_attention`: blocks of (head, query region) pairs at a time.
 
     Every temporary (gathered K/V, scores) stays under ``CHUNK_BYTES``: they are reused from the heap
     instead of fresh pages (on CPU a fresh large buffer costs a page fault per 4 KiB, which made the
     unchunked form 2-4x slower at 224 px), they stay in cache, and the peak memory no longer grows with
-    the batch. A region whose own scores exceed the budget (large maps) is split along its queries
-    (softmax rows are independent). No autograd: the caller uses this only without gradients.
+    the batch. Heads and regions are one axis of ``heads * N * R`` rows, so a block spans heads where they
+    fit (at batch 1 a stage is one to two blocks instead of one per head: fewer, larger calls). A region whose
+    own scores exceed the budget (large maps) is split along its queries (softmax rows are independent).
+    No autograd: the caller uses this only without gradients.
     """
     heads, batch, regions, q_len, qk_head = query.shape
     kv_len, v_head = key.shape[3], value.shape[-1]
     rows, topk = batch * regions, topk_index.shape[-1]
-    keys = topk * kv_len
-    index = offset_region_index(topk_index).view(rows, topk)
-    query = query.reshape(heads, rows, q_len, qk_head)
-    key = key.reshape(heads, rows, kv_len * qk_head)
-    value = value.reshape(heads, rows, kv_len * v_head)
-    out = query.new_empty(heads, rows, q_len, v_head)
+    total, keys = heads * rows, topk * kv_len
+    index = offset_region_index(topk_index).view(1, rows, topk)
+    head_offsets = torch.arange(0, total, rows, device=index.device).view(heads, 1, 1)
+    index = (index + head_offsets).view(total, topk)  # rows of the flattened (heads * N * R) axis
+    query = query.reshape(total, q_len, qk_head)
+    key = key.reshape(total, kv_len * qk_head)
+    value = value.reshape(total, kv_len * v_head)
+    out = query.new_empty(total, q_len, v_head)
     region_bytes = (q_len + qk_head + v_head) * keys * query.element_size()
     regions_per_chunk = max(1, CHUNK_BYTES // region_bytes)
     queries_per_chunk = q_len if region_bytes <= CHUNK_BYTES else max(1, CHUNK_BYTES // (keys * query.element_size()))
-    for head in range(heads):
-        for start, stop in _chunk_starts(rows, regions_per_chunk):
-            chunk_index = index[start:stop].reshape(-1)
-            routed_keys = key[head].index_select(0, chunk_index).view(stop - start, keys, qk_head)
-            routed_values = value[head].index_select(0, chunk_index).view(stop - start, keys, v_head)
-            for q_start, q_stop in _chunk_starts(q_len, queries_per_chunk):
-                scores = scaled_scores(query[head, start:stop, q_start:q_stop], routed_keys, scale)
-                weights = torch.softmax(scores, dim=-1, out=scores)
-                # out[...] is contiguous: whole regions, or one region's rows when queries are split
-                torch.bmm(weights, routed_values, out=out[head, start:stop, q_start:q_stop])
+    for start, stop in _chunk_starts(total, regions_per_chunk):
+        chunk_index = index[start:stop].reshape(-1)
+        routed_keys = key.index_select(0, chunk_index).view(stop - start, keys, qk_head)
+        routed_values = value.index_select(0, chunk_index).view(stop - start, keys, v_head)
+        for q_start, q_stop in _chunk_starts(q_len, queries_per_chunk):
+            scores = scaled_scores(query[start:stop, q_start:q_stop], routed_keys, scale)
+            weights = torch.softmax(scores, dim=-1, out=scores)
+            # out[...] is contiguous: whole regions, or one region's rows when queries are split
+            torch.bmm(weights, routed_values, out=out[start:stop, q_start:q_stop])
     return out.view(heads, batch, regions, q_len, v_head)
 
 
