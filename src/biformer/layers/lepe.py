@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .depthwise import DepthwiseConv2d
+
 
 def make_lepe(dim: int, kernel_size: int) -> nn.Conv2d | None:
     """Depth-wise ``kernel_size`` x ``kernel_size`` conv with bias that keeps the map size, (N, dim, H, W) ->
@@ -19,4 +21,4 @@ def make_lepe(dim: int, kernel_size: int) -> nn.Conv2d | None:
         return None
     if kernel_size % 2 == 0:
         raise ValueError(f"side_dwconv: expected an odd kernel size (the map size must not change), got {kernel_size}")
-    return nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
+    return DepthwiseConv2d(dim, kernel_size)

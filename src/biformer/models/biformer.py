@@ -16,6 +16,7 @@ from timm.models import register_model
 
 from .._checks import check_positive_int, check_unsupported
 from ..layers import ATTENTION_TYPES, stage_token_mixer
+from ..layers.depthwise import DepthwiseConv2d
 from ..layers.token_mixers import check_attention_type, stage_defaults
 from ._base import checkpoint_filter_fn, default_cfgs, init_weights  # noqa: F401 (timm's register_model reads default_cfgs)
 from ._pyramid import (
@@ -121,9 +122,7 @@ class Block(nn.Module):
             self.gamma1 = self.gamma2 = None
         if before_attn_dwconv > 0:
             # The reference hard-codes padding=1 (only right for kernel 3); k // 2 keeps the size for any k.
-            self.pos_embed = nn.Conv2d(
-                dim, dim, kernel_size=before_attn_dwconv, padding=before_attn_dwconv // 2, groups=dim
-            )
+            self.pos_embed = DepthwiseConv2d(dim, before_attn_dwconv)
         else:
             self.pos_embed = None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)

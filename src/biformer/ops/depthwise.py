@@ -1,0 +1,98 @@
+"""Depth-wise convolution (stride 1, 'same' padding) with a faster backward on the CPU.
+
+BiFormer runs a depth-wise conv twice per block (the 3x3 position encoding and the 5x5 local-context conv).
+Their forward in channels-last memory is fast on the CPU, their backward (oneDNN's) is not: at biformer_small's
+stage shapes (batch 8) the 5x5 weight gradient took 4-6x the time of the formulation below, and the input
+gradient about 3x that of a forward conv. :func:`depthwise_conv2d` computes the same gradients as:
+
+- input: the forward depth-wise conv of the output gradient with the kernel flipped (stride 1, the same padding);
+- weight, kernels of 5 and more: for each image ``n`` and channel ``c``, the cross-correlation of the padded input
+  map with the output-gradient map, i.e. one forward depth-wise conv with ``N * C`` groups whose "kernel" is the
+  output gradient, summed over the images;
+- weight, smaller kernels, and bias: as ``torch.ops.aten.convolution_backward`` (weight and bias only).
+
+The gradients equal the plain conv's to float rounding (a different summation order). Outside CPU training
+in float32 eager mode (no gradients, autocast, other devices, ``torch.compile``, export, tracing) it is the plain
+``F.conv2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import is_tracing
+
+# Kernel sizes from which the weight gradient runs as a grouped forward conv (measured: 5x5 faster at every
+# biformer_small stage shape, 3x3 slower; see benchmarks/bench_vs_swin.py, depth-wise conv table).
+GROUPED_WEIGHT_GRAD_MIN_KERNEL = 5
+
+
+def _weight_grad_grouped(x: torch.Tensor, grad: torch.Tensor, kernel: int, padding: int) -> torch.Tensor:
+    """(N, C, H, W) input and output gradient -> (C, 1, k, k) weight gradient, as one grouped forward conv."""
+    batch, channels, height, width = x.shape
+    maps = x.contiguous().view(1, batch * channels, height, width)
+    kernels = grad.contiguous().view(batch * channels, 1, height, width)
+    per_image = F.conv2d(maps, kernels, padding=padding, groups=batch * channels)  # (1, N * C, k, k)
+    return per_image.view(batch, channels, kernel, kernel).sum(0).unsqueeze(1)
+
+
+class DepthwiseConv2dFunction(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` with the backward described in the module doc."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        channels, kernel = weight.shape[0], weight.shape[-1]
+        padding = kernel // 2
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight.flip(-2, -1), padding=padding, groups=channels)
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if need_w and kernel >= GROUPED_WEIGHT_GRAD_MIN_KERNEL:
+            grad_w = _weight_grad_grouped(x, grad, kernel, padding)
+            if need_b:
+                grad_b = grad.sum((0, 2, 3))
+        elif need_w or need_b:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, weight, [channels] if ctx.has_bias else None, [1, 1], [padding, padding], [1, 1], False,
+                [0, 0], channels, [False, need_w, bool(need_b)],
+            )
+        return grad_x, grad_w, grad_b
+
+
+def uses_fast_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`depthwise_conv2d` takes :class:`DepthwiseConv2dFunction` for these tensors."""
+    if is_tracing(x) or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return False
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return False
+    kernel_h, kernel_w = weight.shape[-2:]
+    odd_square = kernel_h == kernel_w and kernel_w % 2 == 1
+    return odd_square and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 4
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depth-wise conv, stride 1, padding ``k // 2`` (odd square kernels).
+
+    Args:
+        x: (N, C, H, W) (channels-last memory is the fast layout on CPU).
+        weight: (C, 1, k, k), k odd.
+        bias: (C,) or None.
+
+    Returns:
+        (N, C, H, W).
+    """
+    if uses_fast_backward(x, weight):
+        return DepthwiseConv2dFunction.apply(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
