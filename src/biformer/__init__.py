@@ -16,7 +16,7 @@ from .layers import (
 )
 from .models import MODEL_NAMES, RELEASED_MODEL_NAMES, BiFormer, BiFormerSTL, BiFormerSTLNCHW
 from .ops import attention_backend, available_backends
-from .routing import record_routing
+from .routing import chosen_backends, record_routing
 
 try:
     __version__ = version("biformer")
@@ -35,6 +35,7 @@ __all__ = [
     "BiLevelRoutingAttentionNCHW",
     "attention_backend",
     "available_backends",
+    "chosen_backends",
     "load_checkpoint",
     "read_state_dict",
     "record_routing",

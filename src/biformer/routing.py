@@ -55,3 +55,38 @@ def record_routing(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for (_, layer), outer in zip(layers, previous):
             layer.routing_sink = outer
+
+
+def chosen_backends(model: nn.Module, images: torch.Tensor) -> dict[str, str]:
+    """The attention backend every NHWC BRA module of ``model`` runs on ``images``, in the current mode.
+
+    Runs ``model(images)`` once and reports, per module (e.g. ``"stages.0.0.attn"``), the backend its forward
+    resolves: its own ``backend``, or what ``auto`` picks for that stage's map size, device, dtype and gradient
+    mode. Call it the way the model will run: under ``torch.no_grad()`` for inference, with gradients for
+    training, inside ``torch.autocast`` for mixed precision.
+
+    Example::
+
+        with torch.no_grad():
+            biformer.chosen_backends(model, torch.randn(1, 3, 224, 224))  # {"stages.0.0.attn": "gather", ...}
+
+    Args:
+        model: a model (or layer) holding :class:`~biformer.layers.BiLevelRoutingAttention` modules.
+        images: its input, e.g. (N, 3, H, W) images.
+
+    Returns:
+        module name -> backend name, in module order.
+    """
+    chosen: dict[str, str] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: chosen.__setitem__(name, m.backend_for(args[0])))
+        for name, module in model.named_modules()
+        if isinstance(module, BiLevelRoutingAttention)
+    ]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return chosen
+

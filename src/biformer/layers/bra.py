@@ -136,6 +136,32 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
             self._check_size(x.shape[1], x.shape[2])
         return x, self.n_win, self.n_win
 
+    def _grid_topk(self, grid_h: int, grid_w: int) -> int:
+        # A symbolic grid (fixed region_size, exported with dynamic H and W) keeps topk the constant self.topk:
+        # the graph then needs at least topk regions (its TopK raises otherwise), never a size-dependent k.
+        symbolic_grid = isinstance(grid_h, torch.SymInt) or isinstance(grid_w, torch.SymInt)
+        return self.topk if symbolic_grid else min(self.topk, grid_h * grid_w)
+
+    def _resolve(self, x: torch.Tensor, dtype: torch.dtype, grid_h: int, grid_w: int, topk: int) -> Backend:
+        """The backend of a forward on the padded map ``x`` whose projection has ``dtype``."""
+        region_h, region_w = x.shape[1] // grid_h, x.shape[2] // grid_w
+        return resolve_backend(
+            self.backend, num_regions=grid_h * grid_w, topk=topk, tokens_per_region=region_h * region_w,
+            device=x.device, needs_grad=torch.is_grad_enabled() and (x.requires_grad or self.wo.weight.requires_grad),
+            dtype=dtype, head_dim=max(self.qk_dim, self.dim) // self.num_heads,
+        )
+
+    def backend_for(self, x: torch.Tensor) -> str:
+        """The name of the backend a forward on ``x`` (N, H, W, dim) runs here and now: the layer's ``backend``,
+        or what ``auto`` picks for this map size, device, dtype (autocast included) and gradient mode.
+
+        Computes only the projection of one token (for its dtype), not the attention.
+        """
+        check_feature_map(x, name="BiLevelRoutingAttention input", layout="NHWC", channels=self.dim)
+        x, grid_h, grid_w = self._pad_to_grid(x)
+        dtype = self.qkv(x[:1, :1, :1]).dtype
+        return self._resolve(x, dtype, grid_h, grid_w, self._grid_topk(grid_h, grid_w)).name
+
     def forward(
         self, x: torch.Tensor, return_routing: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -144,18 +170,9 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
         check_feature_map(x, name="BiLevelRoutingAttention input", layout="NHWC", channels=self.dim)
         height, width = x.shape[1], x.shape[2]
         x, grid_h, grid_w = self._pad_to_grid(x)
-        region_h, region_w = x.shape[1] // grid_h, x.shape[2] // grid_w
-        # A symbolic grid (fixed region_size, exported with dynamic H and W) keeps topk the constant self.topk:
-        # the graph then needs at least topk regions (its TopK raises otherwise), never a size-dependent k.
-        symbolic_grid = isinstance(grid_h, torch.SymInt) or isinstance(grid_w, torch.SymInt)
-        topk = self.topk if symbolic_grid else min(self.topk, grid_h * grid_w)
-
+        topk = self._grid_topk(grid_h, grid_w)
         qkv = self.qkv(x)  # (N, H, W, 2*qk_dim + C)
-        backend = resolve_backend(  # once per forward: the op runs the resolved backend as given
-            self.backend, num_regions=grid_h * grid_w, topk=topk, tokens_per_region=region_h * region_w,
-            device=x.device, needs_grad=torch.is_grad_enabled() and (x.requires_grad or self.wo.weight.requires_grad),
-            dtype=qkv.dtype, head_dim=max(self.qk_dim, self.dim) // self.num_heads,
-        )
+        backend = self._resolve(x, qkv.dtype, grid_h, grid_w, topk)  # once per forward, handed down as resolved
         attend = self._attend_region_layout if backend.layout == REGION_LAYOUT else self._attend_head_layout
         out, topk_index = attend(qkv, grid_h, grid_w, topk, backend)  # (N, H, W, C) attention + LCE
         out = self.wo(out)
