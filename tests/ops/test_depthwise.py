@@ -58,8 +58,31 @@ def test_plain_conv_outside_float32_training():
     assert not uses_fast_backward(x.detach(), weight)  # no gradients
     assert not uses_fast_backward(x.double(), weight.double())
     assert not uses_fast_backward(x, torch.randn(2, 1, 4, 4))  # even kernel: not the 'same' conv
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):
         assert not uses_fast_backward(x, weight)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_bfloat16_autocast_matches_the_plain_autocast_conv(kernel):
+    """Under CPU bf16 autocast: the values and gradients of autocast's own conv, within bf16 rounding."""
+    torch.manual_seed(kernel)
+    x = torch.randn(2, 6, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(6, 1, kernel, kernel, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    grad = torch.randn(2, 6, 7, 7)
+    results = []
+    for conv in (depthwise_conv2d, lambda x, w, b: F.conv2d(x, w, b, padding=kernel // 2, groups=6)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv is not depthwise_conv2d or uses_fast_backward(x, weight)
+            out = conv(x, weight, bias)
+        assert out.dtype == torch.bfloat16
+        results.append((out, *torch.autograd.grad(out, (x, weight, bias), grad.bfloat16())))
+    expected64 = plain_float64(x, weight, bias, grad)
+    for ours, plain, exact in zip(*results, expected64):
+        assert ours.dtype == plain.dtype  # fp32 gradients for the fp32 leaves, as autocast gives
+        scale = exact.abs().max().item()
+        torch.testing.assert_close(ours.double(), exact, atol=2e-2 * scale, rtol=2e-2)
+        torch.testing.assert_close(ours.double(), plain.double(), atol=2e-2 * scale, rtol=2e-2)
 
 
 def test_module_keeps_conv2d_parameters_and_outputs():

@@ -11,9 +11,11 @@ gradient about 3x that of a forward conv. :func:`depthwise_conv2d` computes the 
   output gradient, summed over the images;
 - weight, smaller kernels, and bias: as ``torch.ops.aten.convolution_backward`` (weight and bias only).
 
-The gradients equal the plain conv's to float rounding (a different summation order). Outside CPU training
-in float32 eager mode (no gradients, autocast, other devices, ``torch.compile``, export, tracing) it is the plain
-``F.conv2d``.
+The gradients equal the plain conv's to float rounding (a different summation order). It runs in CPU training
+in eager mode, in float32 and in bfloat16 (bfloat16 tensors, or float32 ones under CPU bfloat16 autocast: cast as
+autocast casts them, the conv then in bfloat16 as autocast runs it; oneDNN's bfloat16 depth-wise backward was
+the slowest of all). Elsewhere (no gradients, other devices or dtypes, ``torch.compile``, export, tracing) it is
+the plain ``F.conv2d``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .._checks import is_tracing
 # Kernel sizes from which the weight gradient runs as a grouped forward conv (measured: 5x5 faster at every
 # biformer_small stage shape, 3x3 slower; see benchmarks/bench_vs_swin.py, depth-wise conv table).
 GROUPED_WEIGHT_GRAD_MIN_KERNEL = 5
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _weight_grad_grouped(x: torch.Tensor, grad: torch.Tensor, kernel: int, padding: int) -> torch.Tensor:
@@ -34,7 +37,8 @@ def _weight_grad_grouped(x: torch.Tensor, grad: torch.Tensor, kernel: int, paddi
     maps = x.contiguous().view(1, batch * channels, height, width)
     kernels = grad.contiguous().view(batch * channels, 1, height, width)
     per_image = F.conv2d(maps, kernels, padding=padding, groups=batch * channels)  # (1, N * C, k, k)
-    return per_image.view(batch, channels, kernel, kernel).sum(0).unsqueeze(1)
+    summed = per_image.view(batch, channels, kernel, kernel).sum(0, dtype=torch.float32)  # one rounding in bf16
+    return summed.to(x.dtype).unsqueeze(1)
 
 
 class DepthwiseConv2dFunction(torch.autograd.Function):
@@ -62,7 +66,7 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
         if need_w and kernel >= GROUPED_WEIGHT_GRAD_MIN_KERNEL:
             grad_w = _weight_grad_grouped(x, grad, kernel, padding)
             if need_b:
-                grad_b = grad.sum((0, 2, 3))
+                grad_b = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
         elif need_w or need_b:
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, x, weight, [channels] if ctx.has_bias else None, [1, 1], [padding, padding], [1, 1], False,
@@ -71,15 +75,24 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the conv computes in (bfloat16 under CPU autocast), or None where the plain conv runs."""
+    if is_tracing(x) or x.device.type != "cpu" or x.dim() != 4:
+        return None
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return None
+    kernel_h, kernel_w = weight.shape[-2:]
+    if kernel_h != kernel_w or kernel_w % 2 == 0:
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        return dtype if dtype == torch.bfloat16 else None
+    return x.dtype if x.dtype in _DTYPES and weight.dtype == x.dtype else None
+
+
 def uses_fast_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`depthwise_conv2d` takes :class:`DepthwiseConv2dFunction` for these tensors."""
-    if is_tracing(x) or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-        return False
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return False
-    kernel_h, kernel_w = weight.shape[-2:]
-    odd_square = kernel_h == kernel_w and kernel_w % 2 == 1
-    return odd_square and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 4
+    return _compute_dtype(x, weight) is not None
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -93,6 +106,12 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Returns:
         (N, C, H, W).
     """
-    if uses_fast_backward(x, weight):
+    dtype = _compute_dtype(x, weight)
+    if dtype is not None:
+        if torch.is_autocast_enabled("cpu"):  # autocast's casts (tracked by autograd), then the conv in bfloat16
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast("cpu", enabled=False):
+                return DepthwiseConv2dFunction.apply(x, weight, bias)
         return DepthwiseConv2dFunction.apply(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
