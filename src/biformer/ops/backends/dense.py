@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..routing import routing_mask
-from ._common import needs_grad, scaled_scores
+from ._common import scaled_scores
 from .registry import register_backend
 
 # Largest token count per image for which ``auto`` considers ``dense`` (its scores grow with the square).
@@ -28,16 +28,15 @@ def dense_attention(
     heads, batch, regions, q_len, _ = query.shape
     kv_len = key.shape[3]
     scores = scaled_scores(query.flatten(2, 3).flatten(0, 1), key.flatten(2, 3).flatten(0, 1), scale)
-    # 0 for routed regions, -inf for the others: (1, N, R, 1, R, 1), broadcast over heads and tokens.
-    bias = torch.zeros(1, batch, regions, 1, regions, 1, dtype=scores.dtype, device=scores.device)
-    bias.masked_fill_(~routing_mask(topk_index, regions).view(1, batch, regions, 1, regions, 1), float("-inf"))
-    # (heads * N, R*L_q, R*L_kv) seen as (heads, N, R, L_q, R, L_kv). Adding the bias gives the masked_fill's
-    # numbers (s + 0 = s, s - inf = -inf); out of place under autograd, where an in-place fill of a view would
-    # make the backward copy the whole score tensor three times (autograd's CopySlices) and fill it again.
-    grid = scores.view(heads, batch, regions, q_len, regions, kv_len)
-    if needs_grad(query, key):
-        scores = (grid + bias).view_as(scores)
-    else:
-        grid.add_(bias)
+    blocked = ~routing_mask(topk_index, regions)  # (N, R, R)
+    # (heads * N, R*L_q, R*L_kv) seen as (heads, N, R, L_q, R, L_kv); the mask broadcasts, nothing expanded.
+    # The fill is not recorded by autograd: the softmax already gives the filled scores (exp(-inf) = 0) a zero
+    # gradient, which is all the fill's backward would do, and nothing saves the unfilled scores. Recorded, the
+    # in-place fill of a view would make autograd copy the whole score tensor three times in backward
+    # (CopySlices) and fill it a second time.
+    with torch.no_grad():
+        scores.view(heads, batch, regions, q_len, regions, kv_len).masked_fill_(
+            blocked.view(1, batch, regions, 1, regions, 1), float("-inf")
+        )
     out = torch.bmm(torch.softmax(scores, dim=-1), value.flatten(2, 3).flatten(0, 1))  # (heads*N, R*L_q, d_v)
     return out.view(heads, batch, regions, q_len, -1)
