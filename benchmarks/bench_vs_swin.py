@@ -22,8 +22,8 @@ Prints markdown:
 5. one BRA layer per stage shape of biformer_small at 224 px (batch 8): each backend, inference (fp32,
    bf16) and training (fp32), with the one ``auto`` picks marked: the measurements behind every rule of
    :func:`biformer.ops.select_backend`; and the depth-wise conv's forward + backward per stage shape, the plain
-   conv against :func:`biformer.ops.depthwise.depthwise_conv2d`, fp32 and bf16 autocast (the rows behind its
-   kernel-size rule);
+   conv against :class:`biformer.ops.depthwise.DepthwiseConv2dFunction`, fp32 and bf16 autocast (the rows behind
+   its kernel-size rule);
 6. with ``--profile``: the top operators of both models of the first pair (inference, batch 8, fp32; and a
    training step), self time and call counts.
 """
@@ -239,13 +239,15 @@ def section_depthwise(rounds: int) -> None:
     import torch.nn.functional as F
 
     try:
-        from biformer.ops.depthwise import depthwise_conv2d
+        from biformer.ops.depthwise import DepthwiseConv2dFunction
     except ImportError:
         print("## Depth-wise convs: (this version of biformer has no biformer.ops.depthwise)\n")
         return
     batch = 8
     print(f"## Depth-wise conv, forward + backward, channels-last, batch {batch}, ms per call\n")
-    print("| map, channels | kernel | dtype | `F.conv2d` (oneDNN backward) | `depthwise_conv2d` | ratio |")
+    print("Kernels of at least `FAST_BACKWARD_MIN_KERNEL` (5) take `DepthwiseConv2dFunction`; smaller ones keep "
+          "`F.conv2d`.\n")
+    print("| map, channels | kernel | dtype | `F.conv2d` (oneDNN backward) | `DepthwiseConv2dFunction` | ratio |")
     print("|---|---|---|---|---|---|")
     for side, dim in ((56, 64), (28, 128), (14, 256), (7, 512)):
         for kernel, bf16 in ((3, False), (5, False), (3, True), (5, True)):
@@ -261,8 +263,8 @@ def section_depthwise(rounds: int) -> None:
                 out.backward(grad.to(out.dtype))
 
             def ours(x=x, weight=weight, bias=bias, grad=grad, bf16=bf16) -> None:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    out = depthwise_conv2d(x, weight, bias)
+                dtype = torch.bfloat16 if bf16 else torch.float32  # the casts autocast makes, then the conv
+                out = DepthwiseConv2dFunction.apply(x.to(dtype), weight.to(dtype), bias.to(dtype))
                 out.backward(grad.to(out.dtype))
 
             seconds = interleaved_median({"plain": plain, "ours": ours}, rounds)

@@ -6,10 +6,13 @@ stage shapes (batch 8) the 5x5 weight gradient took 4-6x the time of the formula
 gradient about 3x that of a forward conv. :func:`depthwise_conv2d` computes the same gradients as:
 
 - input: the forward depth-wise conv of the output gradient with the kernel flipped (stride 1, the same padding);
-- weight, kernels of 5 and more: for each image ``n`` and channel ``c``, the cross-correlation of the padded input
-  map with the output-gradient map, i.e. one forward depth-wise conv with ``N * C`` groups whose "kernel" is the
-  output gradient, summed over the images;
-- weight, smaller kernels, and bias: as ``torch.ops.aten.convolution_backward`` (weight and bias only).
+- weight: for each image ``n`` and channel ``c``, the cross-correlation of the padded input map with the
+  output-gradient map, i.e. one forward depth-wise conv with ``N * C`` groups whose "kernel" is the output
+  gradient, summed over the images;
+- bias: the sum of the output gradient over images and positions.
+
+It is used for kernels of 5 and more (the 5x5 local-context conv); the 3x3 position encoding keeps oneDNN's
+backward, which is as fast or faster there (``FAST_BACKWARD_MIN_KERNEL``).
 
 The gradients equal the plain conv's to float rounding (a different summation order). It runs in CPU training
 in eager mode, in float32 and in bfloat16 (bfloat16 tensors, or float32 ones under CPU bfloat16 autocast: cast as
@@ -25,9 +28,10 @@ import torch.nn.functional as F
 
 from .._checks import is_tracing
 
-# Kernel sizes from which the weight gradient runs as a grouped forward conv (measured: 5x5 faster at every
-# biformer_small stage shape, 3x3 slower; see benchmarks/bench_vs_swin.py, depth-wise conv table).
-GROUPED_WEIGHT_GRAD_MIN_KERNEL = 5
+# The smallest kernel that takes this backward. Measured (benchmarks/bench_vs_swin.py, depth-wise conv table, one
+# thread, batch 8, biformer_small's stage shapes): 5x5 1.05-2.2x faster in float32 and 4.4-6x in bfloat16 than
+# oneDNN's backward; 3x3 0.80-0.99x in float32 (oneDNN's own is good there), so 3x3 keeps the plain conv.
+FAST_BACKWARD_MIN_KERNEL = 5
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -62,16 +66,10 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad, weight.flip(-2, -1), padding=padding, groups=channels)
-        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        if need_w and kernel >= GROUPED_WEIGHT_GRAD_MIN_KERNEL:
+        if ctx.needs_input_grad[1]:
             grad_w = _weight_grad_grouped(x, grad, kernel, padding)
-            if need_b:
-                grad_b = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
-        elif need_w or need_b:
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, x, weight, [channels] if ctx.has_bias else None, [1, 1], [padding, padding], [1, 1], False,
-                [0, 0], channels, [False, need_w, bool(need_b)],
-            )
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
         return grad_x, grad_w, grad_b
 
 
@@ -82,7 +80,7 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return None
     kernel_h, kernel_w = weight.shape[-2:]
-    if kernel_h != kernel_w or kernel_w % 2 == 0:
+    if kernel_h != kernel_w or kernel_w % 2 == 0 or kernel_w < FAST_BACKWARD_MIN_KERNEL:
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
