@@ -11,7 +11,16 @@ from .lepe import make_lepe
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """(N, heads, L, d) x3 -> (N, heads, L, d)."""
+    """(N, heads, L, d) x3 -> (N, heads, L, d).
+
+    Where a gradient is needed, the explicit form ``softmax((q @ k^T) * scale) @ v`` (the authors' own): on CPU its
+    backward is faster than SDPA's, most in bf16 autocast (at the stage-4 shape, batch 8: attention forward +
+    backward 14.2 -> 1.3 ms in bf16, 5.5 -> 3.3 ms in fp32). Without a gradient SDPA, which is as fast in fp32
+    and faster in bf16 inference.
+    """
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (N, heads, L, L)
+        return torch.matmul(scores.softmax(dim=-1), value)
     return F.scaled_dot_product_attention(query, key, value, scale=scale)
 
 
