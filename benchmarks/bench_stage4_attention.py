@@ -10,7 +10,7 @@ Prints markdown, ms per call (CPU time of one thread, median of 7 interleaved ro
 2. biformer_small's stage 4 (its 4 blocks) forward + backward with either form in
    :func:`biformer.layers.attention_lepe._attention`, the same batches and dtypes.
 
-The library runs the explicit form where a gradient is needed and SDPA otherwise.
+The library runs the explicit form where a gradient is needed on CPU in bf16, SDPA otherwise.
 """
 
 from __future__ import annotations
