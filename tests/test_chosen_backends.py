@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -50,3 +51,11 @@ def test_follows_the_default_and_the_gradient_mode_and_leaves_no_hook():
     with torch.no_grad():
         assert layer.backend_for(x) == "gather"
     assert layer.backend_for(x) == "dense"
+
+
+def test_refuses_what_holds_no_bra_module():
+    with pytest.raises(TypeError, match="model: expected an nn.Module, got str"):
+        biformer.chosen_backends("biformer_nano", torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"model: expected a model holding BiLevelRoutingAttention \(NHWC\) "
+                                         r"modules, got a Linear without any"):
+        biformer.chosen_backends(torch.nn.Linear(4, 4), torch.randn(2, 4))

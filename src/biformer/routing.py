@@ -76,7 +76,16 @@ def chosen_backends(model: nn.Module, images: torch.Tensor) -> dict[str, str]:
 
     Returns:
         module name -> backend name, in module order.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` holds no NHWC BRA module (nothing to report).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not any(isinstance(module, BiLevelRoutingAttention) for module in model.modules()):
+        raise ValueError(f"model: expected a model holding BiLevelRoutingAttention (NHWC) modules, got a "
+                         f"{type(model).__name__} without any")
     chosen: dict[str, str] = {}
     handles = [
         module.register_forward_pre_hook(lambda m, args, name=name: chosen.__setitem__(name, m.backend_for(args[0])))
