@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/bench_vs_swin.py --compile       # add the torch.compile rows (both models)
     .venv/bin/python benchmarks/bench_vs_swin.py --profile       # add the torch.profiler top ops
     .venv/bin/python benchmarks/bench_vs_swin.py --threads 1 --clock cpu   # robust ratios on a busy machine
+    .venv/bin/python benchmarks/bench_vs_swin.py --rows infer8,train8 --no-layers   # only the rows a change touches
 
 Prints markdown:
 
@@ -46,6 +47,20 @@ BACKENDS = ["gather", "sdpa", "dense"]
 # --- measuring ----------------------------------------------------------------------------------------
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AMX (bf16 matrix units), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = info.read().splitlines()
+    except OSError:
+        return "CPU: unknown"
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    amx = "AMX" if "amx_bf16" in flags else "no AMX"
+    avx = "avx512_bf16" if "avx512_bf16" in flags else "no avx512_bf16"
+    return f"CPU: {name} ({amx}, {avx})"
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -119,23 +134,34 @@ def training_call(model: torch.nn.Module, batch: int, bf16: bool) -> Callable[[]
     return call
 
 
-ROWS = [
-    # (label, kind, batch, bf16)
-    ("inference, batch 1, fp32", "infer", 1, False),
-    ("inference, batch 8, fp32", "infer", 8, False),
-    ("inference, batch 1, bf16 autocast", "infer", 1, True),
-    ("inference, batch 8, bf16 autocast", "infer", 8, True),
-    ("training step (forward + backward), batch 8, fp32", "train", 8, False),
-    ("training step (forward + backward), batch 8, bf16 autocast", "train", 8, True),
-]
+ROWS = {
+    # key for --rows: (label, kind, batch, bf16)
+    "infer1": ("inference, batch 1, fp32", "infer", 1, False),
+    "infer8": ("inference, batch 8, fp32", "infer", 8, False),
+    "infer1-bf16": ("inference, batch 1, bf16 autocast", "infer", 1, True),
+    "infer8-bf16": ("inference, batch 8, bf16 autocast", "infer", 8, True),
+    "train8": ("training step (forward + backward), batch 8, fp32", "train", 8, False),
+    "train8-bf16": ("training step (forward + backward), batch 8, bf16 autocast", "train", 8, True),
+}
 
 
-def section_pair(ours: str, theirs: str, rounds: int, compile_rows: bool) -> None:
+def parse_rows(text: str | None) -> list[str]:
+    """``--rows``: comma-separated keys of ``ROWS`` (None: all of them), in the table's order."""
+    if text is None:
+        return list(ROWS)
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in ROWS]
+    if unknown or not keys:
+        raise SystemExit(f"--rows: expected a comma-separated list of {', '.join(ROWS)}, got {text!r}")
+    return [key for key in ROWS if key in keys]
+
+
+def section_pair(ours: str, theirs: str, rounds: int, compile_rows: bool, rows: list[str]) -> None:
     models = {ours: create(ours), theirs: create(theirs)}
     print(f"### {ours} against {theirs}\n")
     print(f"Images/s, median of {rounds} interleaved rounds; ratio = {ours} / {theirs}.\n")
     print(f"| | {ours} | {theirs} | ratio |\n|---|---|---|---|")
-    for label, kind, batch, bf16 in ROWS:
+    for label, kind, batch, bf16 in (ROWS[key] for key in rows):
         calls = {}
         for name, model in models.items():
             model.train(kind == "train")
@@ -325,22 +351,24 @@ def main() -> None:
     parser.add_argument("--no-layers", action="store_true", help="skip the per-stage layer table")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or the process's CPU time (robust to other jobs with --threads 1)")
+    parser.add_argument("--rows", metavar="KEYS", help=f"only these rows, comma-separated: {', '.join(ROWS)}")
     args = parser.parse_args()
+    rows = parse_rows(args.rows)
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     rounds = 2 if args.quick else args.rounds
     pairs = PAIRS[:1] if args.quick else PAIRS
     print("## Machine\n")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, load average "
-          f"(1/5/15 min) {load_average()}\n")
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"load average (1/5/15 min) {load_average()}\n")
     print(f"| matmul 2048^3 | GFLOP/s |\n|---|---|\n| fp32 | {matmul_gflops(torch.float32):.0f} |\n"
           f"| bf16 | {matmul_gflops(torch.bfloat16):.0f} |\n")
     section_models([name for pair in pairs for name in pair])
     section_auto([ours for ours, _ in pairs])
     print("## Side by side\n")
     for ours, theirs in pairs:
-        section_pair(ours, theirs, rounds, args.compile)
+        section_pair(ours, theirs, rounds, args.compile, rows)
     if not args.no_layers:
         section_layers(rounds + 1)
         section_depthwise(rounds + 1)

@@ -47,10 +47,14 @@ def test_follows_the_default_and_the_gradient_mode_and_leaves_no_hook():
         assert set(biformer.chosen_backends(model, images).values()) == {"sdpa"}
     assert not any(m._forward_pre_hooks for m in model.modules())
     layer = biformer.BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=16, side_dwconv=5)
-    x = torch.randn(1, 14, 14, 64)  # stage 3 of biformer_tiny at 224 px: dense in training, gather in inference
+    x = torch.randn(1, 14, 14, 64)  # stage 3 of biformer_tiny at 224 px: dense in inference and training
+    with torch.no_grad():
+        assert layer.backend_for(x) == "dense"
+    assert layer.backend_for(x) == "dense"
+    x = torch.randn(1, 140, 140, 64)  # 20 x 20 tokens per region: gather in inference, sdpa in training
     with torch.no_grad():
         assert layer.backend_for(x) == "gather"
-    assert layer.backend_for(x) == "dense"
+    assert layer.backend_for(x) == "sdpa"
 
 
 def test_refuses_what_holds_no_bra_module():

@@ -77,6 +77,20 @@ def test_routing_mask_marks_routed_regions():
     assert mask.tolist() == [[[False, True, True], [True, False, False]]]
 
 
+def test_routing_bias_is_the_token_level_mask():
+    from biformer.ops.backends.dense import routing_bias
+
+    index = torch.tensor([[[1, 2], [0, 0], [2, 1]]])  # 3 regions; region 1 routes to region 0 only
+    q_len, kv_len = 2, 3
+    bias = routing_bias(index, 3, q_len, kv_len, torch.float32)  # (1, 3 * 2, 3 * 3)
+    assert bias.shape == (1, 6, 9) and bias.is_contiguous()
+    mask = routing_mask(index, 3)[0]  # (R, R)
+    for query_token in range(6):
+        for key_token in range(9):
+            routed = bool(mask[query_token // q_len, key_token // kv_len])
+            assert bias[0, query_token, key_token].item() == (0.0 if routed else float("-inf"))
+
+
 def test_route_regions_is_sorted_and_detached():
     query = torch.randn(1, 5, 4, requires_grad=True)
     key = torch.randn(1, 5, 4, requires_grad=True)

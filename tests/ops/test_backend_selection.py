@@ -19,7 +19,7 @@ CASES = [
     # BiFormer-T at 224 px: stages 1-3, inference then training (CPU)
     (CPU, False, 49, 1, 64, "gather"),
     (CPU, False, 49, 4, 16, "gather"),
-    (CPU, False, 49, 16, 4, "gather"),
+    (CPU, False, 49, 16, 4, "dense"),
     (CPU, True, 49, 1, 64, "gather"),
     (CPU, True, 49, 4, 16, "gather"),
     (CPU, True, 49, 16, 4, "dense"),
@@ -36,6 +36,11 @@ CASES = [
     (CPU, True, 64, 15, 16, "gather"),
     (CPU, True, 4, 1, 4, "dense"),
     (CPU, True, 1, 1, 1, "dense"),
+    # inference takes dense under the same limits, else gather (never sdpa on CPU)
+    (CPU, False, 16, 4, 64, "dense"),
+    (CPU, False, 16, 4, 65, "gather"),
+    (CPU, False, 16, 3, 64, "gather"),
+    (CPU, False, 49, 16, 400, "gather"),
     # CUDA: sdpa for inference, gather for training, whatever the sizes
     (CUDA, False, 49, 4, 16, "sdpa"),
     (CUDA, True, 49, 4, 16, "gather"),
@@ -43,7 +48,8 @@ CASES = [
     (CUDA, True, 49, 16, 400, "gather"),
     (CUDA, False, 49, 16, 400, "sdpa"),
     # other devices follow the CPU rule
-    (META, False, 49, 16, 4, "gather"),
+    (META, False, 49, 16, 4, "dense"),
+    (META, False, 49, 4, 16, "gather"),
     (META, True, 49, 16, 4, "dense"),
     (META, True, 49, 16, 400, "sdpa"),
 ]

@@ -154,8 +154,10 @@ CPU = torch.device("cpu")
 def test_auto_choices_on_cpu():
     inference, training = dict(device=CPU, needs_grad=False), dict(device=CPU, needs_grad=True)
     stages_224 = [(49, 1, 64), (49, 4, 16), (49, 16, 4)]  # BiFormer-T: (regions, topk, tokens per region)
-    for regions, topk, tokens in stages_224:  # the chunked gather wins every inference shape
-        assert select_backend(num_regions=regions, topk=topk, tokens_per_region=tokens, **inference) == "gather"
+    # inference: the chunked gather at stages 1-2, dense at stage 3 (as in training)
+    assert [select_backend(num_regions=r, topk=k, tokens_per_region=t, **inference) for r, k, t in stages_224] == [
+        "gather", "gather", "dense"
+    ]
     assert [select_backend(num_regions=r, topk=k, tokens_per_region=t, **training) for r, k, t in stages_224] == [
         "gather", "gather", "dense"
     ]

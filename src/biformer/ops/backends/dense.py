@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from ..routing import routing_mask
 from ._common import scaled_scores
 from .registry import register_backend
 
@@ -28,15 +27,34 @@ def dense_attention(
     heads, batch, regions, q_len, _ = query.shape
     kv_len = key.shape[3]
     scores = scaled_scores(query.flatten(2, 3).flatten(0, 1), key.flatten(2, 3).flatten(0, 1), scale)
-    blocked = ~routing_mask(topk_index, regions)  # (N, R, R)
-    # (heads * N, R*L_q, R*L_kv) seen as (heads, N, R, L_q, R, L_kv); the mask broadcasts, nothing expanded.
-    # The fill is not recorded by autograd: the softmax already gives the filled scores (exp(-inf) = 0) a zero
-    # gradient, which is all the fill's backward would do, and nothing saves the unfilled scores. Recorded, the
-    # in-place fill of a view would make autograd copy the whole score tensor three times in backward
-    # (CopySlices) and fill it a second time.
+    # (heads * N, R*L_q, R*L_kv) seen as (heads, N, R*L_q, R*L_kv) plus a 0/-inf bias (N, R*L_q, R*L_kv) that
+    # broadcasts over the heads only: its inner dimension is a whole row of keys, so the add runs vectorised
+    # (a boolean fill through a (heads, N, R, L_q, R, L_kv) view ran rows of L_kv elements: 6x slower at
+    # stage 3). The add is not recorded by autograd: the softmax already gives the masked scores (exp(-inf) = 0)
+    # a zero gradient and passes the others through unchanged, which is all the add's backward would do, and
+    # nothing saved the unbiased scores.
     with torch.no_grad():
-        scores.view(heads, batch, regions, q_len, regions, kv_len).masked_fill_(
-            blocked.view(1, batch, regions, 1, regions, 1), float("-inf")
+        scores.view(heads, batch, regions * q_len, regions * kv_len).add_(
+            routing_bias(topk_index, regions, q_len, kv_len, scores.dtype)
         )
     out = torch.bmm(torch.softmax(scores, dim=-1), value.flatten(2, 3).flatten(0, 1))  # (heads*N, R*L_q, d_v)
     return out.view(heads, batch, regions, q_len, -1)
+
+
+def routing_bias(topk_index: torch.Tensor, regions: int, q_len: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """0 where a query token's region routes to the key token's region, -inf elsewhere.
+
+    Args:
+        topk_index: int64 (N, R, topk) routed region indices.
+        regions: R.
+        q_len: L_q, query tokens per region.
+        kv_len: L_kv, key tokens per region.
+        dtype: the dtype of the scores it is added to.
+
+    Returns:
+        contiguous (N, R * L_q, R * L_kv), tokens region-major (the head-major layout's order).
+    """
+    batch = topk_index.shape[0]
+    bias = torch.full((batch, regions, 1, regions, 1), float("-inf"), dtype=dtype, device=topk_index.device)
+    bias.view(batch, regions, regions).scatter_(2, topk_index, 0.0)
+    return bias.expand(batch, regions, q_len, regions, kv_len).reshape(batch, regions * q_len, regions * kv_len)

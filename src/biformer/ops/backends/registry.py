@@ -170,8 +170,9 @@ def select_backend(
     ``auto`` takes the first backend of a preference list, measured in ``benchmarks/RESULTS.md`` (CPU, fp32
     and bf16, inference and training), that its flags admit (:meth:`Backend.admits`), else ``gather``:
 
-    - CPU (and every device but CUDA), inference: ``gather``, whose chunked inference form is the fastest at
-      every BiFormer shape and keeps the memory bounded at any image size;
+    - CPU (and every device but CUDA), inference: ``dense`` where its flags admit it (stage 3 at 224 px: its
+      three large batched products beat the gather of 16 regions of 4 tokens), else ``gather``, whose chunked
+      inference form is the fastest at the other BiFormer shapes and keeps the memory bounded at any image size;
     - training: ``sdpa`` when one region's score matrix is large (more than ``LARGE_SCORES``: large maps with
       ``n_win`` regions), as its backward recomputes the scores block by block instead of storing them; else
       ``dense`` where its flags admit it (a map of at most 1024 tokens with at least a quarter of the regions
@@ -203,7 +204,7 @@ def select_backend(
     if device.type == "cuda":  # not measured here
         preferred = ("gather",) if needs_grad else ("sdpa", "gather")
     elif not needs_grad:
-        preferred = ("gather",)
+        preferred = ("dense", "gather")
     elif topk * tokens_per_region**2 > LARGE_SCORES:
         preferred = ("sdpa", "gather")
     else:

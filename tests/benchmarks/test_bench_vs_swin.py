@@ -1,0 +1,42 @@
+"""The pure parts of benchmarks/bench_vs_swin.py: the --rows selection and the machine line."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vs_swin.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_vs_swin", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_vs_swin"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["bench_vs_swin"]
+
+
+def test_rows_default_to_every_row_in_table_order(bench):
+    assert bench.parse_rows(None) == list(bench.ROWS)
+    assert bench.parse_rows("train8, infer1") == ["infer1", "train8"]  # the table's order, not the argument's
+    assert bench.parse_rows("infer8-bf16,infer8-bf16") == ["infer8-bf16"]
+
+
+@pytest.mark.parametrize("text", ["nope", "infer1,train", "", " , "])
+def test_unknown_or_empty_rows_are_one_line(bench, text):
+    with pytest.raises(SystemExit, match=r"--rows: expected a comma-separated list of infer1, infer8, .* got"):
+        bench.parse_rows(text)
+
+
+def test_cpu_name_says_whether_bf16_matrix_units_exist(bench):
+    line = bench.cpu_name()
+    assert line.startswith("CPU: ")
+    if Path("/proc/cpuinfo").exists():
+        assert ("AMX" in line) and ("avx512_bf16" in line)
