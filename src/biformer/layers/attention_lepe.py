@@ -7,17 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_feature_map, check_head_split, check_positive_int
+from ..ops.attention_form import explicit_attention_is_faster
 from .lepe import make_lepe
-
-
-def _explicit_is_faster(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether a gradient is needed on CPU in bf16: where SDPA's backward is slow (see :func:`_attention`)."""
-    return (
-        query.device.type == "cpu"
-        and query.dtype == torch.bfloat16
-        and torch.is_grad_enabled()
-        and (query.requires_grad or key.requires_grad or value.requires_grad)
-    )
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -28,7 +19,7 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
     faster explicit; the attention alone 3.4x). Everywhere else SDPA: faster in inference (fp32 and bf16), level
     in fp32 training (0.99-1.01x at the stage), and the fused kernels on GPUs.
     """
-    if _explicit_is_faster(query, key, value):
+    if explicit_attention_is_faster(query, key, value):
         scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (N, heads, L, L)
         return torch.matmul(scores.softmax(dim=-1), value)
     return F.scaled_dot_product_attention(query, key, value, scale=scale)
