@@ -103,10 +103,14 @@ def create(name: str) -> torch.nn.Module:
 
 
 def gmacs(model: torch.nn.Module) -> float:
+    """Multiply-adds of one 224 px image; BRA counted in its ``gather`` form (the routed formulation's FLOPs, not
+    those of ``dense``, which computes every score and masks the unrouted ones)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from biformer import attention_backend
+
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counter, attention_backend("gather"):
         model.eval()(torch.randn(1, 3, SIZE, SIZE))
     return counter.get_total_flops() / 2e9
 

@@ -10,10 +10,10 @@ import torch.nn as nn
 from .._checks import check_feature_map, check_head_split, check_positive_int, check_topk_fits, check_unsupported
 from ..ops.backends import REGION_LAYOUT, Backend, BackendChoice, resolve_backend, runs_whole_batch
 from ..ops.functional import routed_attention, routed_attention_heads
+from ..ops.qkv_heads import qkv_to_heads
 from ..ops.regions import (
     head_region_means,
     head_regions_to_image,
-    image_to_head_regions,
     image_to_regions,
     is_symbolic,
     pad_bottom_right,
@@ -187,11 +187,12 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
             records[name] = topk_index.detach()
         return (out, topk_index) if return_routing else out
 
-    def _local_context(self, qkv: torch.Tensor) -> torch.Tensor | None:
-        """The LCE conv on V laid out as an image: (N, H, W, 2*qk_dim + C) -> contiguous (N, H, W, C)."""
+    def _local_context(self, value: torch.Tensor) -> torch.Tensor | None:
+        """The LCE conv on V laid out as an image: (N, H, W, C) (a channel slice of the projection is fine) ->
+        contiguous (N, H, W, C)."""
         if self.lepe is None:
             return None
-        value_image = qkv[..., 2 * self.qk_dim :].permute(0, 3, 1, 2)  # (N, C, H, W), channels-last strides
+        value_image = value.permute(0, 3, 1, 2)  # (N, C, H, W), channels-last strides
         return self.lepe(value_image).permute(0, 2, 3, 1).contiguous()  # a view when the conv keeps NHWC
 
     def _attend_region_layout(
@@ -210,25 +211,22 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
             check_index=False,
         )  # (N, S*S, h*w, C)
         out = regions_to_image(out, grid_h, grid_w, region_h, region_w)  # (N, H, W, C)
-        local_context = self._local_context(qkv)
+        local_context = self._local_context(qkv[..., 2 * self.qk_dim :])
         return (out if local_context is None else out + local_context), topk_index
 
     def _attend_head_layout(
         self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: Backend
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fast data flow: one copy of q, k, v into head-major regions, the output added to the LCE
-        map in the same pass that puts it back in image order."""
+        """The fast data flow: one copy of q, k, v into head-major regions
+        (:func:`~biformer.ops.qkv_heads.qkv_to_heads`), the output added to the LCE map in the same pass that
+        puts it back in image order."""
         region_h, region_w = qkv.shape[1] // grid_h, qkv.shape[2] // grid_w
-        heads, qk_dim = self.num_heads, self.qk_dim
-        if qk_dim == self.dim:  # one copy for q, k and v
-            query, key, value = image_to_head_regions(qkv, grid_h, grid_w, heads, parts=3)  # (heads, N, R, L, d)
-        else:
-            query, key = image_to_head_regions(qkv[..., : 2 * qk_dim], grid_h, grid_w, heads, parts=2)
-            value = image_to_head_regions(qkv[..., 2 * qk_dim :], grid_h, grid_w, heads)[0]
+        query, key, value, value_image = qkv_to_heads(
+            qkv, grid_h, grid_w, self.num_heads, self.qk_dim, with_image_value=self.lepe is not None
+        )  # (heads, N, R, L, d) x3, V as (N, H, W, C) for the LCE conv
         topk_index = route_regions(head_region_means(query), head_region_means(key), topk, self.scale)  # (N, R, topk)
         out = routed_attention_heads(query, key, value, topk_index, scale=self.scale, backend=backend,
                                      check_index=False)  # from topk: valid by construction
-        out = head_regions_to_image(
-            out, grid_h, grid_w, region_h, region_w, add_to=self._local_context(qkv)
-        )  # (N, H, W, C)
+        local_context = None if value_image is None else self._local_context(value_image)
+        out = head_regions_to_image(out, grid_h, grid_w, region_h, region_w, add_to=local_context)  # (N, H, W, C)
         return out, topk_index
