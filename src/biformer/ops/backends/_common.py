@@ -13,7 +13,14 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def scaled_scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * query @ key^T for (B, L_q, d) x (B, L_k, d) -> (B, L_q, L_k), the scale fused in the GEMM."""
+    """scale * query @ key^T for (B, L_q, d) x (B, L_k, d) -> (B, L_q, L_k).
+
+    Without gradients the scale is fused in the GEMM (``baddbmm``'s alpha). With them, q is scaled first (the
+    authors' ``(q * scale) @ k^T``): the fused alpha would cost a multiply over the keys' gradient in backward,
+    and the routed keys are topk times as many as the queries (biformer_small training step, fp32: 1.03x).
+    """
+    if needs_grad(query, key):
+        return torch.bmm(query * scale, key.transpose(1, 2))
     scores = query.new_empty(query.shape[0], query.shape[1], key.shape[1])
     return torch.baddbmm(scores, query, key.transpose(1, 2), beta=0.0, alpha=scale)
 
