@@ -10,6 +10,7 @@ need Fashion-MNIST pixels use the session's lookalike (:func:`fashion_mnist_dir`
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import os
@@ -18,7 +19,10 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -178,3 +182,27 @@ def _seed_and_threads():
     torch.set_num_threads(threads)
     os.chdir(folder)
     assert get_default_backend() == backend, "a test left another default attention backend behind"
+
+
+# --- the scripts of benchmarks/, loaded as modules for the tests of their pure parts (tests/benchmarks) -------
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def _loaded_benchmark(name: str) -> Iterator[ModuleType]:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def load_benchmark() -> Iterator[Callable[[str], ModuleType]]:
+    """``load_benchmark("bench_gpu")``: the script as a module, registered in ``sys.modules`` until the test
+    module's last test has run."""
+    with ExitStack() as stack:
+        yield lambda name: stack.enter_context(_loaded_benchmark(name))

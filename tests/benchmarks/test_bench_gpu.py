@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 
 import biformer  # noqa: F401  (registers the models)
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["bench_gpu"]
+def bench(load_benchmark):
+    return load_benchmark("bench_gpu")
 
 
 def test_stage_shapes_at_224_px(bench):

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vs_swin.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_swin", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_vs_swin"] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["bench_vs_swin"]
+def bench(load_benchmark):
+    return load_benchmark("bench_vs_swin")
 
 
 def test_rows_default_to_every_row_in_table_order(bench):

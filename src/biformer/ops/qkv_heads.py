@@ -14,16 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import is_tracing
-from .regions import image_to_head_regions
-
-
-def _head_view(x: torch.Tensor, grid_h: int, grid_w: int, num_heads: int) -> torch.Tensor:
-    """(N, H, W, heads * d) image-ordered (a channel slice is fine) seen as (heads, N, R, L, d) without copying
-    (the inverse permutation of the copy :func:`image_to_head_regions` makes)."""
-    batch, height, width, channels = x.shape
-    region_h, region_w = height // grid_h, width // grid_w
-    x = x.view(batch, grid_h, region_h, grid_w, region_w, num_heads, channels // num_heads)
-    return x.permute(5, 0, 1, 3, 2, 4, 6)  # (heads, N, grid_h, grid_w, region_h, region_w, d)
+from .regions import head_regions_view, image_to_head_regions
 
 
 class QKVToHeads(torch.autograd.Function):
@@ -51,7 +42,7 @@ class QKVToHeads(torch.autograd.Function):
         parts = ((grad_query, slice(0, qk_dim)), (grad_key, slice(qk_dim, 2 * qk_dim)),
                  (grad_value, slice(2 * qk_dim, shape[-1])))
         for part_grad, channels in parts:
-            target = _head_view(grad[..., channels], grid_h, grid_w, num_heads)
+            target = head_regions_view(grad[..., channels], grid_h, grid_w, num_heads)[0]
             if part_grad is None:
                 target.zero_()
             else:

@@ -81,10 +81,25 @@ def image_to_head_regions(x: torch.Tensor, grid_h: int, grid_w: int, num_heads: 
         contiguous (parts, num_heads, N, grid_h * grid_w, region_h * region_w, d).
     """
     batch, height, width, channels = x.shape
+    regions, tokens = grid_h * grid_w, (height // grid_h) * (width // grid_w)
+    view = head_regions_view(x, grid_h, grid_w, num_heads, parts)
+    return view.reshape(parts, num_heads, batch, regions, tokens, channels // (parts * num_heads))
+
+
+def head_regions_view(x: torch.Tensor, grid_h: int, grid_w: int, num_heads: int, parts: int = 1) -> torch.Tensor:
+    """The layout :func:`image_to_head_regions` copies into, as a view of ``x`` (no copy; writing to it writes
+    ``x``).
+
+    Args:
+        x: (N, H, W, parts * num_heads * d), as for :func:`image_to_head_regions`.
+
+    Returns:
+        a (parts, num_heads, N, grid_h, grid_w, region_h, region_w, d) view.
+    """
+    batch, height, width, channels = x.shape
     region_h, region_w, head_dim = height // grid_h, width // grid_w, channels // (parts * num_heads)
     x = x.view(batch, grid_h, region_h, grid_w, region_w, parts, num_heads, head_dim)
-    x = x.permute(5, 6, 0, 1, 3, 2, 4, 7)  # (parts, heads, N, grid_h, grid_w, region_h, region_w, d)
-    return x.reshape(parts, num_heads, batch, grid_h * grid_w, region_h * region_w, head_dim)
+    return x.permute(5, 6, 0, 1, 3, 2, 4, 7)  # (parts, heads, N, grid_h, grid_w, region_h, region_w, d)
 
 
 def head_regions_to_image(
