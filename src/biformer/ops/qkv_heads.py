@@ -1,7 +1,8 @@
 """The BRA projection's output split into head-major q, k, v regions (and V in image order for the LCE conv),
 with a training backward that writes the projection's gradient once.
 
-The forward is :func:`~biformer.ops.regions.image_to_head_regions` (one copy per part). Under autograd the plain
+The forward is :func:`~biformer.ops.regions.image_to_head_regions` (one copy per part), or under autograd its
+two-pass form where that is faster (:func:`~biformer.ops.regions.two_pass_layout`). Under autograd the plain
 form cost three extra passes over the (N, H, W, 2 * qk_dim + C) gradient in backward: unpacking q, k, v from one
 tensor stacks their gradients (``torch.stack``), and the LCE conv's input, a channel slice of the projection, gets
 its gradient as a zero-filled full-size tensor with the slice copied in, which autograd then adds to the other.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import is_tracing
-from .regions import head_regions_view, image_to_head_regions
+from .regions import head_regions_view, image_to_head_regions, image_to_head_regions_two_pass
 
 
 class QKVToHeads(torch.autograd.Function):
@@ -27,7 +28,7 @@ class QKVToHeads(torch.autograd.Function):
         qk_dim: int, with_image_value: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         ctx.geometry = (qkv.shape, grid_h, grid_w, num_heads, qk_dim)
-        query, key, value = _split(qkv, grid_h, grid_w, num_heads, qk_dim)
+        query, key, value = _split(qkv, grid_h, grid_w, num_heads, qk_dim, two_pass=True)
         image_value = qkv[..., 2 * qk_dim :].contiguous() if with_image_value else None
         return query, key, value, image_value
 
@@ -46,7 +47,7 @@ class QKVToHeads(torch.autograd.Function):
             if part_grad is None:
                 target.zero_()
             else:
-                target.copy_(part_grad.view(target.shape))
+                target.copy_(part_grad.view(target.shape))  # one pass: this direction's writes are whole heads
         if grad_image_value is not None:
             grad[..., 2 * qk_dim :].add_(grad_image_value)
         return grad, None, None, None, None, None
@@ -73,16 +74,21 @@ def qkv_to_heads(
     needs_grad = torch.is_grad_enabled() and qkv.requires_grad
     if needs_grad and not is_tracing(qkv):
         return QKVToHeads.apply(qkv, grid_h, grid_w, num_heads, qk_dim, with_image_value)
-    query, key, value = _split(qkv, grid_h, grid_w, num_heads, qk_dim)
+    query, key, value = _split(qkv, grid_h, grid_w, num_heads, qk_dim, two_pass=False)
     return query, key, value, (qkv[..., 2 * qk_dim :] if with_image_value else None)
 
 
 def _split(
-    qkv: torch.Tensor, grid_h: int, grid_w: int, num_heads: int, qk_dim: int
+    qkv: torch.Tensor, grid_h: int, grid_w: int, num_heads: int, qk_dim: int, two_pass: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v head-major: one copy when the three have one width, else one for q and k and one for v."""
+    """q, k, v head-major: one copy when the three have one width, else one for q and k and one for v.
+
+    ``two_pass``: copy with :func:`~biformer.ops.regions.image_to_head_regions_two_pass` (the training path, whose
+    whole batch is one call; without gradients the models already run the blocks on cache-sized groups of images).
+    """
+    to_heads = image_to_head_regions_two_pass if two_pass else image_to_head_regions
     if qkv.shape[-1] == 3 * qk_dim:
-        query, key, value = image_to_head_regions(qkv, grid_h, grid_w, num_heads, parts=3)
+        query, key, value = to_heads(qkv, grid_h, grid_w, num_heads, parts=3)
         return query, key, value
-    query, key = image_to_head_regions(qkv[..., : 2 * qk_dim], grid_h, grid_w, num_heads, parts=2)
-    return query, key, image_to_head_regions(qkv[..., 2 * qk_dim :], grid_h, grid_w, num_heads)[0]
+    query, key = to_heads(qkv[..., : 2 * qk_dim], grid_h, grid_w, num_heads, parts=2)
+    return query, key, to_heads(qkv[..., 2 * qk_dim :], grid_h, grid_w, num_heads)[0]

@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import is_tracing
+
+# Working set of one chunk of images in the two-pass head-major layout copies (bytes; CPU, eager mode).
+LAYOUT_CHUNK_BYTES = 2 * 2**20
+# Longest contiguous run (region_w * head_dim elements) of the one-copy layout change that takes the two passes.
+TWO_PASS_MAX_RUN = 128
+
 
 def is_symbolic(*sizes: int) -> bool:
     """Whether sizes may be symbolic (under ``torch.compile`` / ``torch.export``, or any of ``sizes`` is a
@@ -86,6 +93,62 @@ def image_to_head_regions(x: torch.Tensor, grid_h: int, grid_w: int, num_heads: 
     return view.reshape(parts, num_heads, batch, regions, tokens, channels // (parts * num_heads))
 
 
+def image_to_head_regions_two_pass(
+    x: torch.Tensor, grid_h: int, grid_w: int, num_heads: int, parts: int = 1
+) -> torch.Tensor:
+    """:func:`image_to_head_regions` in two passes over cache-sized groups of images where that is faster
+    (:func:`two_pass_layout`), else with its one copy. Same arguments and result."""
+    batch, height, width, channels = x.shape
+    head_dim = channels // (parts * num_heads)
+    if not two_pass_layout(x, width // grid_w, head_dim):
+        return image_to_head_regions(x, grid_h, grid_w, num_heads, parts)
+    shape = (parts, num_heads, batch, grid_h * grid_w, (height // grid_h) * (width // grid_w), head_dim)
+    return _image_to_head_regions_in_chunks(x, grid_h, grid_w, parts * num_heads).view(shape)
+
+
+def two_pass_layout(x: torch.Tensor, region_w: int, head_dim: int) -> bool:
+    """Whether the head-major layout copies of ``x`` run in two passes over chunks of images: in eager mode on
+    CPU (traced or compiled graphs keep one copy, which the compiler schedules itself), where the one-copy form
+    would move runs of at most ``TWO_PASS_MAX_RUN`` elements (``region_w * head_dim``: stages 2 and 3 of
+    biformer_small at 224 px; at stage 1 the one copy is as fast and needs no buffer)."""
+    # the size test last: on symbolic sizes (torch.export) it would add a guard
+    return (
+        x.device.type == "cpu"
+        and not is_symbolic(*x.shape, region_w, head_dim)
+        and not is_tracing(x)
+        and region_w * head_dim <= TWO_PASS_MAX_RUN
+    )
+
+
+def _images_per_chunk(x: torch.Tensor) -> int:
+    """How many of ``x``'s (N, H, W, C) images fit in ``LAYOUT_CHUNK_BYTES`` (at least one)."""
+    return max(1, LAYOUT_CHUNK_BYTES // (x[0].numel() * x.element_size()))
+
+
+def _image_to_head_regions_in_chunks(x: torch.Tensor, grid_h: int, grid_w: int, groups: int) -> torch.Tensor:
+    """(N, H, W, groups * d) -> contiguous (groups, N, H * W, d), tokens in region order.
+
+    The one-copy form reads ``d`` channels at a time from every token: on CPU a strided walk over the whole
+    input for each of the ``groups`` head slices, up to 9x slower than two passes at 224 px (stage 3 of
+    biformer_small at batch 8, fp32: 4.5 ms against 0.54 ms; ``benchmarks/RESULTS.md``). Here a group of images
+    that fits in ``LAYOUT_CHUNK_BYTES`` is first put in region order with whole tokens (runs of
+    ``region_w * channels``), then split by heads (runs of ``d``, rows of the buffer that stays in cache).
+    """
+    batch, height, width, channels = x.shape
+    region_h, region_w, head_dim = height // grid_h, width // grid_w, channels // groups
+    step = _images_per_chunk(x)
+    out = x.new_empty(groups, batch, height * width, head_dim)
+    buffer = x.new_empty(min(step, batch), grid_h, grid_w, region_h, region_w, channels)
+    source = x.view(batch, grid_h, region_h, grid_w, region_w, channels).permute(0, 1, 3, 2, 4, 5)
+    for start in range(0, batch, step):
+        stop = min(start + step, batch)
+        regions = buffer[: stop - start]
+        regions.copy_(source[start:stop])  # (n, grid_h, grid_w, region_h, region_w, C): region order
+        split = regions.view(stop - start, height * width, groups, head_dim).permute(2, 0, 1, 3)
+        out[:, start:stop].copy_(split)  # (groups, n, H*W, d)
+    return out
+
+
 def head_regions_view(x: torch.Tensor, grid_h: int, grid_w: int, num_heads: int, parts: int = 1) -> torch.Tensor:
     """The layout :func:`image_to_head_regions` copies into, as a view of ``x`` (no copy; writing to it writes
     ``x``).
@@ -117,15 +180,53 @@ def head_regions_to_image(
     """
     heads, batch, _, _, head_dim = x.shape
     height, width, channels = grid_h * region_h, grid_w * region_w, heads * head_dim
-    x = x.view(heads, batch, grid_h, grid_w, region_h, region_w, head_dim)
-    x = x.permute(1, 2, 4, 3, 5, 0, 6)  # (N, grid_h, region_h, grid_w, region_w, heads, d), a view
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or (add_to is not None and add_to.requires_grad))
+    if with_grad and two_pass_layout(x, region_w, head_dim):
+        return HeadRegionsToImage.apply(x, grid_h, grid_w, region_h, region_w, add_to)
+    image = _image_order_view(x, grid_h, grid_w, region_h, region_w)  # (N, gh, rh, gw, rw, heads, d)
     if add_to is None:
-        return x.reshape(batch, height, width, channels)
-    target = add_to.view(batch, grid_h, region_h, grid_w, region_w, heads, head_dim)
-    if torch.is_grad_enabled() and (x.requires_grad or add_to.requires_grad):
-        return (target + x).reshape(batch, height, width, channels)
-    target.add_(x)
+        return image.reshape(batch, height, width, channels)
+    target = add_to.view(image.shape)
+    if with_grad:
+        return (target + image).reshape(batch, height, width, channels)
+    target.add_(image)
     return add_to
+
+
+def _image_order_view(x: torch.Tensor, grid_h: int, grid_w: int, region_h: int, region_w: int) -> torch.Tensor:
+    """(heads, N, R, L, d) seen as (N, grid_h, region_h, grid_w, region_w, heads, d), a view."""
+    heads, batch, _, _, head_dim = x.shape
+    x = x.view(heads, batch, grid_h, grid_w, region_h, region_w, head_dim)
+    return x.permute(1, 2, 4, 3, 5, 0, 6)
+
+
+class HeadRegionsToImage(torch.autograd.Function):
+    """:func:`head_regions_to_image` under autograd (CPU, eager): the same forward; the backward splits the
+    image gradient into head-major regions with the two-pass copy (:func:`_image_to_head_regions_in_chunks`)
+    instead of autograd's strided copy of a permuted view. Shapes as for :func:`head_regions_to_image`."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, grid_h: int, grid_w: int, region_h: int,
+        region_w: int, add_to: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.geometry = (x.shape, grid_h, grid_w)
+        ctx.has_add_to = add_to is not None
+        heads, batch, _, _, head_dim = x.shape
+        image = _image_order_view(x, grid_h, grid_w, region_h, region_w)  # one pass: its writes are whole heads
+        out = image.contiguous() if add_to is None else add_to.view(image.shape) + image
+        return out.view(batch, grid_h * region_h, grid_w * region_w, heads * head_dim)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None, None, torch.Tensor | None]:
+        shape, grid_h, grid_w = ctx.geometry
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _image_to_head_regions_in_chunks(grad.contiguous(), grid_h, grid_w, shape[0]).view(shape)
+        grad_add_to = grad if ctx.has_add_to and ctx.needs_input_grad[5] else None
+        return grad_x, None, None, None, None, grad_add_to
 
 
 def head_region_means(x: torch.Tensor) -> torch.Tensor:
