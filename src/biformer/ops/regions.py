@@ -211,7 +211,6 @@ class HeadRegionsToImage(torch.autograd.Function):
         region_w: int, add_to: torch.Tensor | None,
     ) -> torch.Tensor:
         ctx.geometry = (x.shape, grid_h, grid_w)
-        ctx.has_add_to = add_to is not None
         heads, batch, _, _, head_dim = x.shape
         image = _image_order_view(x, grid_h, grid_w, region_h, region_w)  # one pass: its writes are whole heads
         out = image.contiguous() if add_to is None else add_to.view(image.shape) + image
@@ -225,7 +224,7 @@ class HeadRegionsToImage(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _image_to_head_regions_in_chunks(grad.contiguous(), grid_h, grid_w, shape[0]).view(shape)
-        grad_add_to = grad if ctx.has_add_to and ctx.needs_input_grad[5] else None
+        grad_add_to = grad if ctx.needs_input_grad[5] else None  # False when add_to is None
         return grad_x, None, None, None, None, grad_add_to
 
 
