@@ -17,6 +17,7 @@ from timm.models import register_model
 from .._checks import check_positive_int, check_unsupported
 from ..layers import ATTENTION_TYPES, stage_token_mixer
 from ..layers.depthwise import DepthwiseConv2d
+from ..layers.downsample_conv import DownsampleConv2d
 from ..layers.token_mixers import check_attention_type, stage_defaults
 from ._base import checkpoint_filter_fn, default_cfgs, init_weights  # noqa: F401 (timm's register_model reads default_cfgs)
 from ._pyramid import (
@@ -301,7 +302,7 @@ class BiFormer(PyramidClassifier):
         for i in range(3):
             self.downsample_layers.append(
                 nn.Sequential(
-                    nn.Conv2d(embed_dim[i], embed_dim[i + 1], kernel_size=3, stride=2, padding=1),
+                    DownsampleConv2d(embed_dim[i], embed_dim[i + 1], kernel_size=3, stride=2, padding=1),
                     nn.BatchNorm2d(embed_dim[i + 1]),
                 )
             )

@@ -1,0 +1,109 @@
+"""A strided ``nn.Conv2d`` (same parameters and state_dict keys) that spares large weights a reorder per call on CPU.
+
+BiFormer's downsamplings are 3x3 stride-2 convs on channels-last maps. oneDNN runs a channels-last conv with a
+channels-last weight, so every call copies the (O, I, 3, 3) weight into that layout; for the last downsampling
+(256 -> 512 in biformer_small, a 4.5 MiB weight) the copy and the fresh pages it writes cost more than the conv
+itself at batch 1. The weight stays an ordinary contiguous parameter (``safetensors`` refuses non-contiguous
+tensors in a state_dict), and:
+
+- without gradients (inference, CPU, eager) the channels-last copy is made once and kept, with the dtype CPU
+  autocast computes in, until the weight changes (another tensor, new data or an in-place update): the same conv,
+  bit-identical outputs;
+- in float32 training on CPU (the weight changes every step, so a kept copy would not help) the conv runs on
+  the input in NCHW layout, where oneDNN takes the weight as it is, and its output goes back to channels-last:
+  the same conv to float rounding (a different summation order);
+- elsewhere (small weights, other devices, bfloat16 training, ``torch.compile``, export, tracing) it is the
+  plain ``nn.Conv2d``.
+
+Measured in ``benchmarks/RESULTS.md`` (the downsampling convs); only weights of at least
+``LARGE_WEIGHT_ELEMENTS`` take either path (the 128 -> 256 conv was level or slower with both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._checks import is_tracing
+
+# Weights of at least this many elements (4 MiB in float32) take the paths above: biformer_small's and
+# biformer_tiny's 256 -> 512 conv (1.18 M), biformer_base's 384 -> 768 (2.65 M); not 128 -> 256 (0.29 M), whose
+# kept channels-last weight was 0.85-1.18x and NCHW input 0.79-1.09x across batch 1-8.
+LARGE_WEIGHT_ELEMENTS = 1 << 20
+
+
+class DownsampleConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)``; see the module doc for its CPU paths.
+
+    Shapes: (N, in_channels, H, W) -> (N, out_channels, H', W') as ``nn.Conv2d``; channels-last in, channels-last
+    out on the CPU paths.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        self._kept: tuple[torch.Tensor, int, int, torch.dtype, torch.Tensor] | None = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DownsampleConv2d:
+        self._kept = None  # .to(), .float(), .cpu(): the weight is another tensor; drop the old copy now
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_kept"] = None  # a cache: never pickled or deep-copied
+        return state
+
+    def path(self, x: torch.Tensor) -> str:
+        """Which path a call on ``x`` takes now: ``"kept"``, ``"nchw"`` or ``"plain"``."""
+        weight = self.weight
+        if (
+            is_tracing(x)
+            or weight.numel() < LARGE_WEIGHT_ELEMENTS
+            or x.device.type != "cpu"
+            or x.dim() != 4
+            or not x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return "plain"
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return "kept"
+        if torch.is_autocast_enabled("cpu") or x.dtype != torch.float32 or weight.dtype != torch.float32:
+            return "plain"
+        return "nchw"
+
+    def _kept_weight(self) -> torch.Tensor:
+        """The weight in channels-last memory, in the dtype the conv computes in; made once per weight version."""
+        weight = self.weight
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        kept = self._kept
+        if (
+            kept is not None
+            and kept[0] is weight
+            and kept[1] == weight._version
+            and kept[2] == weight.data_ptr()
+            and kept[3] == dtype
+        ):
+            return kept[4]
+        with torch.no_grad():
+            copy = weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+        self._kept = (weight, weight._version, weight.data_ptr(), dtype, copy)
+        return copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.path(x)
+        if path == "kept":
+            weight = self._kept_weight()
+            bias = self.bias
+            if bias is not None and weight.dtype != bias.dtype:
+                bias = bias.to(weight.dtype)
+            with torch.autocast("cpu", enabled=False):
+                x = x.to(weight.dtype)
+                return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if path == "nchw":
+            nchw = x.contiguous()  # (N, C, H, W) in NCHW memory
+            out = F.conv2d(nchw, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return out.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
