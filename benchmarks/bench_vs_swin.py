@@ -24,7 +24,9 @@ Prints markdown:
    bf16) and training (fp32), with the one ``auto`` picks marked: the measurements behind every rule of
    :func:`biformer.ops.select_backend`; and the depth-wise conv's forward + backward per stage shape, the plain
    conv against :class:`biformer.ops.depthwise.DepthwiseConv2dFunction`, fp32 and bf16 autocast (the rows behind
-   its kernel-size rule);
+   its kernel-size rule); and the downsampling convs, ``nn.Conv2d`` against
+   :class:`biformer.layers.downsample_conv.DownsampleConv2d` with the path it took (the rows behind its
+   weight-size rule);
 6. with ``--profile``: the top operators of both models of the first pair (inference, batch 8, fp32; and a
    training step), self time and call counts.
 """
@@ -36,6 +38,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -304,6 +307,45 @@ def section_depthwise(rounds: int) -> None:
     print()
 
 
+def section_downsample(rounds: int) -> None:
+    """The downsampling convs (3x3, stride 2, channels-last): ``nn.Conv2d`` against ``DownsampleConv2d``."""
+    try:
+        from biformer.layers.downsample_conv import DownsampleConv2d
+    except ImportError:
+        print("## Downsampling convs: (this version of biformer has no biformer.layers.downsample_conv)\n")
+        return
+    import torch.nn as nn
+
+    print("## Downsampling convs (3x3, stride 2, channels-last input), ms per call\n")
+    print("`DownsampleConv2d`'s path: `kept` (a channels-last copy of the weight, without gradients), `nchw` (the "
+          "conv on NCHW input, fp32 training) or `plain` (the `nn.Conv2d` forward: small weights, bf16 training).\n")
+    print("| conv, map | batch | mode | `nn.Conv2d` | `DownsampleConv2d` | path | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for cin, cout, side in ((64, 128, 56), (128, 256, 28), (256, 512, 14)):
+        ours = DownsampleConv2d(cin, cout, kernel_size=3, stride=2, padding=1)
+        plain_conv = nn.Conv2d(cin, cout, kernel_size=3, stride=2, padding=1)
+        plain_conv.load_state_dict(ours.state_dict())
+        for batch in (1, 8):
+            for mode in ("inference fp32", "inference bf16", "training fp32", "training bf16"):
+                training, bf16 = mode.startswith("training"), mode.endswith("bf16")
+                x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(training)
+
+                def call(conv: nn.Module, x=x, training=training, bf16=bf16) -> None:
+                    with torch.set_grad_enabled(training), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                        out = conv(x)
+                    if training:
+                        out.float().sum().backward()
+
+                with torch.set_grad_enabled(training), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    path = ours.path(x)
+                seconds = interleaved_median({"plain": partial(call, plain_conv), "ours": partial(call, ours)}, rounds)
+                print(f"| {cin} -> {cout}, {side}x{side} | {batch} | {mode} | {seconds['plain'] * 1e3:.2f} | "
+                      f"{seconds['ours'] * 1e3:.2f} | {path} | {seconds['plain'] / seconds['ours']:.2f}x |",
+                      flush=True)
+    print()
+
+
 def layer_call(
     layer: torch.nn.Module, x: torch.Tensor, backend: str, training: bool, dtype: torch.dtype
 ) -> Callable[[], object]:
@@ -352,7 +394,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 rounds, the biformer_small pair only")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (both models compiled)")
     parser.add_argument("--profile", action="store_true", help="add torch.profiler tables")
-    parser.add_argument("--no-layers", action="store_true", help="skip the per-stage layer table")
+    parser.add_argument("--no-layers", action="store_true",
+                        help="skip the per-stage layer, depth-wise and downsampling conv tables")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or the process's CPU time (robust to other jobs with --threads 1)")
     parser.add_argument("--rows", metavar="KEYS", help=f"only these rows, comma-separated: {', '.join(ROWS)}")
@@ -376,6 +419,7 @@ def main() -> None:
     if not args.no_layers:
         section_layers(rounds + 1)
         section_depthwise(rounds + 1)
+        section_downsample(rounds + 3)
     if args.profile:
         section_profile(*pairs[0], top=15)
     print(f"load average after: {load_average()}")
