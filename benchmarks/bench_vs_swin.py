@@ -53,7 +53,8 @@ def load_average() -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name and whether it has AMX (bf16 matrix units), from /proc/cpuinfo where there is one."""
+    """The CPU's model name, whether it has AMX (bf16 matrix units) and avx512_bf16, and "no avx512" where it has
+    neither wide vectors nor bf16 instructions, from /proc/cpuinfo where there is one."""
     try:
         with open("/proc/cpuinfo") as info:
             lines = info.read().splitlines()
@@ -63,7 +64,8 @@ def cpu_name() -> str:
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     amx = "AMX" if "amx_bf16" in flags else "no AMX"
     avx = "avx512_bf16" if "avx512_bf16" in flags else "no avx512_bf16"
-    return f"CPU: {name} ({amx}, {avx})"
+    widest = "" if "avx512f" in flags else ", no avx512: AVX2 at most" if "avx2" in flags else ", no AVX2"
+    return f"CPU: {name} ({amx}, {avx}{widest})"
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:

@@ -29,3 +29,20 @@ def test_cpu_name_says_whether_bf16_matrix_units_exist(bench):
     assert line.startswith("CPU: ")
     if Path("/proc/cpuinfo").exists():
         assert ("AMX" in line) and ("avx512_bf16" in line)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu avx2 avx512f avx512_bf16 amx_bf16", "(AMX, avx512_bf16)"),
+        ("fpu avx2 avx512f", "(no AMX, no avx512_bf16)"),
+        ("fpu avx2 fma", "(no AMX, no avx512_bf16, no avx512: AVX2 at most)"),
+        ("fpu sse2", "(no AMX, no avx512_bf16, no AVX2)"),
+    ],
+)
+def test_cpu_name_from_a_written_cpuinfo(bench, monkeypatch, tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    real_open = open
+    monkeypatch.setattr(bench, "open", lambda path, *a, **k: real_open(cpuinfo, *a, **k), raising=False)
+    assert bench.cpu_name() == f"CPU: Some CPU {expected}"
