@@ -2,9 +2,9 @@
 
 BiFormer's downsamplings are 3x3 stride-2 convs on channels-last maps. oneDNN runs a channels-last conv with a
 channels-last weight, so every call copies the (O, I, 3, 3) weight into that layout; for the last downsampling
-(256 -> 512 in biformer_small, a 4.5 MiB weight) the copy and the fresh pages it writes cost more than the conv
-itself at batch 1. The weight stays an ordinary contiguous parameter (``safetensors`` refuses non-contiguous
-tensors in a state_dict), and:
+(256 -> 512 in biformer_small, a 4.5 MiB weight) the copy and the fresh pages it writes took up to 4 ms a call
+on the CPUs measured, beside 3-6 ms for the conv. The weight stays an ordinary contiguous parameter
+(``safetensors`` refuses non-contiguous tensors in a state_dict), and:
 
 - without gradients (inference, CPU, eager) the channels-last copy is made once and kept, with the dtype CPU
   autocast computes in, until the weight changes (another tensor, new data or an in-place update): the same conv,
@@ -15,8 +15,9 @@ tensors in a state_dict), and:
 - elsewhere (small weights, other devices, bfloat16 training, ``torch.compile``, export, tracing) it is the
   plain ``nn.Conv2d``.
 
-Measured in ``benchmarks/RESULTS.md`` (the downsampling convs); only weights of at least
-``LARGE_WEIGHT_ELEMENTS`` take either path (the 128 -> 256 conv was level or slower with both).
+Measured in ``benchmarks/RESULTS.md`` (fifth round) and by ``benchmarks/bench_vs_swin.py``'s downsampling table;
+only weights of at least ``LARGE_WEIGHT_ELEMENTS`` take either path (the 128 -> 256 conv was level or slower with
+both). Inside a whole model the gain is small (0.99-1.03x a forward, within the run-to-run spread).
 """
 
 from __future__ import annotations
