@@ -130,6 +130,21 @@ def test_frozen_weight_with_gradients_enabled_keeps_the_weight():
     assert torch.equal(conv(x), plain(conv, x))
 
 
+def test_float64_under_bf16_autocast_stays_float64_as_nn_conv2d():
+    conv, x = large_conv().double(), image().double()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.path(x) == "plain"
+        got, expected = conv(x), plain(conv, x)
+    assert got.dtype == torch.float64 and torch.equal(got, expected)
+
+
+def test_a_model_built_under_inference_mode_runs_the_plain_conv():
+    with torch.inference_mode():
+        conv, x = large_conv(), image()
+        assert conv.weight.is_inference() and conv.path(x) == "plain"
+        assert torch.equal(conv(x), plain(conv, x)) and conv._kept is None
+
+
 @pytest.mark.parametrize(
     "case",
     ["small weight", "NCHW input", "bf16 training", "float64 training", "traced"],

@@ -12,8 +12,8 @@ on the CPUs measured, beside 3-6 ms for the conv. The weight stays an ordinary c
 - in float32 training on CPU (the weight changes every step, so a kept copy would not help) the conv runs on
   the input in NCHW layout, where oneDNN takes the weight as it is, and its output goes back to channels-last:
   the same conv to float rounding (a different summation order);
-- elsewhere (small weights, other devices, bfloat16 training, ``torch.compile``, export, tracing) it is the
-  plain ``nn.Conv2d``.
+- elsewhere (small weights, other devices, bfloat16 training, non-float32 tensors under autocast, a weight made
+  under ``torch.inference_mode``, ``torch.compile``, export, tracing) it is the plain ``nn.Conv2d``.
 
 Measured in ``benchmarks/RESULTS.md`` (fifth round) and by ``benchmarks/bench_vs_swin.py``'s downsampling table;
 only weights of at least ``LARGE_WEIGHT_ELEMENTS`` take either path (the 128 -> 256 conv was level or slower with
@@ -69,9 +69,13 @@ class DownsampleConv2d(nn.Conv2d):
             or not x.is_contiguous(memory_format=torch.channels_last)
         ):
             return "plain"
+        autocast = torch.is_autocast_enabled("cpu")
+        if autocast and (x.dtype != torch.float32 or weight.dtype != torch.float32):
+            return "plain"  # autocast's casts for other dtypes (float64 stays float64): nn.Conv2d's own
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            return "kept"
-        if torch.is_autocast_enabled("cpu") or x.dtype != torch.float32 or weight.dtype != torch.float32:
+            # an inference tensor (a model built under torch.inference_mode) has no version to follow
+            return "plain" if weight.is_inference() else "kept"
+        if autocast or x.dtype != torch.float32 or weight.dtype != torch.float32:
             return "plain"
         return "nchw"
 
