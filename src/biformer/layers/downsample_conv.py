@@ -70,14 +70,13 @@ class DownsampleConv2d(nn.Conv2d):
         ):
             return "plain"
         autocast = torch.is_autocast_enabled("cpu")
-        if autocast and (x.dtype != torch.float32 or weight.dtype != torch.float32):
+        float32 = x.dtype == weight.dtype == torch.float32
+        if autocast and not float32:
             return "plain"  # autocast's casts for other dtypes (float64 stays float64): nn.Conv2d's own
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             # an inference tensor (a model built under torch.inference_mode) has no version to follow
             return "plain" if weight.is_inference() else "kept"
-        if autocast or x.dtype != torch.float32 or weight.dtype != torch.float32:
-            return "plain"
-        return "nchw"
+        return "nchw" if float32 and not autocast else "plain"
 
     def _kept_weight(self) -> torch.Tensor:
         """The weight in channels-last memory, in the dtype the conv computes in; made once per weight version."""
@@ -101,9 +100,7 @@ class DownsampleConv2d(nn.Conv2d):
         path = self.path(x)
         if path == "kept":
             weight = self._kept_weight()
-            bias = self.bias
-            if bias is not None and weight.dtype != bias.dtype:
-                bias = bias.to(weight.dtype)
+            bias = None if self.bias is None else self.bias.to(weight.dtype)  # the casts autocast would make
             with torch.autocast("cpu", enabled=False):
                 x = x.to(weight.dtype)
                 return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
