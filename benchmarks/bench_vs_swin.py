@@ -20,8 +20,8 @@ Prints markdown:
    under ``torch.compile``. Eager mode is the main figure. The two models of a pair take turns (interleaved
    rounds: both see the same machine load); each cell is the median of the rounds; ratio = BiFormer's
    images/s over the other model's (above 1: BiFormer is faster);
-5. one BRA layer per stage shape of biformer_small at 224 px (batch 8): each backend, inference (fp32,
-   bf16) and training (fp32), with the one ``auto`` picks marked: the measurements behind every rule of
+5. one BRA layer per stage shape of biformer_small at 224 px (batch 8): each backend, inference and
+   training, fp32 and bf16 autocast, with the one ``auto`` picks marked: the measurements behind every rule of
    :func:`biformer.ops.select_backend`; and the depth-wise conv's forward + backward per stage shape, the plain
    conv against :class:`biformer.ops.depthwise.DepthwiseConv2dFunction`, fp32 and bf16 autocast (the rows behind
    its kernel-size rule); and the downsampling convs, ``nn.Conv2d`` against
@@ -246,7 +246,7 @@ def section_layers(rounds: int) -> None:
         layer = BiLevelRoutingAttention(dim, num_heads=heads, n_win=7, topk=topk, side_dwconv=5)
         x = torch.randn(batch, side, side, dim)
         for mode, dtype in (("inference fp32", torch.float32), ("inference bf16", torch.bfloat16),
-                            ("training fp32", torch.float32)):
+                            ("training fp32", torch.float32), ("training bf16", torch.bfloat16)):
             training = mode.startswith("training")
             calls = {}
             for backend in BACKENDS:

@@ -46,3 +46,20 @@ def test_cpu_name_from_a_written_cpuinfo(bench, monkeypatch, tmp_path, flags, ex
     real_open = open
     monkeypatch.setattr(bench, "open", lambda path, *a, **k: real_open(cpuinfo, *a, **k), raising=False)
     assert bench.cpu_name() == f"CPU: Some CPU {expected}"
+
+
+def test_layer_table_has_a_row_per_stage_mode_and_dtype_with_autos_choice_marked(bench, monkeypatch, capsys):
+    # The timings are stubbed (the table's shape and its `*` are what is checked): every rule `auto` applies at
+    # the stage shapes, bf16 training included, has its row.
+    monkeypatch.setattr(bench, "layer_call", lambda *args: (lambda: None))
+    monkeypatch.setattr(bench, "interleaved_median",
+                        lambda calls, rounds: {name: 0.001 * (i + 1) for i, name in enumerate(calls)})
+    bench.section_layers(rounds=1)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[:3] in ("| 1", "| 2", "| 3")]
+    modes = ("inference fp32", "inference bf16", "training fp32", "training bf16")
+    assert [row.split(" | ")[1] for row in rows] == list(modes) * 3
+    for row in rows:
+        cells = row.strip("| ").split(" | ")[2:]
+        marked = [backend for backend, cell in zip(bench.BACKENDS, cells, strict=True) if cell.endswith("*")]
+        expected = "dense" if row.startswith("| 3 ") else "gather"
+        assert marked == [expected], row
