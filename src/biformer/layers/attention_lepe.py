@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .._checks import check_feature_map, check_head_split, check_positive_int
 from ..ops.attention_form import explicit_attention_is_faster
+from ..ops.linear import linear
 from .lepe import make_lepe
 
 
@@ -69,13 +70,13 @@ class AttentionLePE(_GlobalAttentionLePE):
         check_feature_map(x, name="AttentionLePE input", layout="NHWC", channels=self.dim)
         batch, height, width, channels = x.shape
         head_dim = channels // self.num_heads
-        qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, head_dim)
+        qkv = linear(x, self.qkv).view(batch, height * width, 3, self.num_heads, head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, heads, H*W, d)
         out = _attention(query, key, value, self.scale)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)  # (N, H, W, C)
         if self.lepe is not None:
             out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj(out)
+        return linear(out, self.proj)
 
 
 class AttentionLePENCHW(_GlobalAttentionLePE):

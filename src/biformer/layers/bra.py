@@ -10,6 +10,7 @@ import torch.nn as nn
 from .._checks import check_feature_map, check_head_split, check_positive_int, check_topk_fits, check_unsupported
 from ..ops.backends import REGION_LAYOUT, Backend, BackendChoice, resolve_backend, runs_whole_batch
 from ..ops.functional import routed_attention, routed_attention_heads
+from ..ops.linear import linear
 from ..ops.qkv_heads import qkv_to_heads
 from ..ops.regions import (
     head_region_means,
@@ -175,7 +176,7 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
         backend = self._resolve(x, qkv.dtype, grid_h, grid_w, topk)  # once per forward, handed down as resolved
         attend = self._attend_region_layout if backend.layout == REGION_LAYOUT else self._attend_head_layout
         out, topk_index = attend(qkv, grid_h, grid_w, topk, backend)  # (N, H, W, C) attention + LCE
-        out = self.wo(out)
+        out = linear(out, self.wo)
         if is_symbolic(height, width):
             # Crop with a copy (index_select): a slice would make the graph assume there was padding.
             out = out.index_select(1, torch.arange(height, device=out.device))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops.linear import linear
+
 
 class QKVLinear(nn.Module):
     """One Linear producing [q | k | v] channels: ``qk_dim`` for q, ``qk_dim`` for k, ``dim`` for v.
@@ -20,4 +22,4 @@ class QKVLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (..., 2 * qk_dim + dim)."""
-        return self.qkv(x)
+        return linear(x, self.qkv)  # oneDNN's GEMM in CPU float32 inference (biformer.ops.linear)

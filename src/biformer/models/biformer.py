@@ -19,6 +19,7 @@ from ..layers import ATTENTION_TYPES, stage_token_mixer
 from ..layers.depthwise import DepthwiseConv2d
 from ..layers.downsample_conv import DownsampleConv2d
 from ..layers.token_mixers import check_attention_type, stage_defaults
+from ..ops.linear import linear, runs_as_written, takes_onednn_path
 from ._base import checkpoint_filter_fn, default_cfgs, init_weights  # noqa: F401 (timm's register_model reads default_cfgs)
 from ._pyramid import (
     NUM_STAGES,
@@ -139,6 +140,19 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.pre_norm = pre_norm
 
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(x)``; in CPU float32 inference fc1 + GELU and fc2 as oneDNN GEMMs (:mod:`biformer.ops.linear`)."""
+        mlp = self.mlp
+        if type(mlp) is not nn.Sequential or len(mlp) != 4:  # replaced by the user: its own call
+            return mlp(x)
+        fc1, middle, activation, fc2 = mlp
+        if (
+            type(middle) is nn.Identity and type(activation) is nn.GELU and activation.approximate == "none"
+            and all(runs_as_written(m) for m in (mlp, middle, activation)) and takes_onednn_path(x, fc1, fc2)
+        ):
+            return linear(linear(x, fc1, "gelu"), fc2)
+        return mlp(x)
+
     def _scaled(self, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
         return self.drop_path(x if gamma is None else gamma * x)
 
@@ -149,10 +163,10 @@ class Block(nn.Module):
         x = x.permute(0, 2, 3, 1)  # (N, H, W, C)
         if self.pre_norm:
             x = x + self._scaled(self.attn(self.norm1(x)), self.gamma1)
-            x = x + self._scaled(self.mlp(self.norm2(x)), self.gamma2)
+            x = x + self._scaled(self._mlp(self.norm2(x)), self.gamma2)
         else:
             x = self.norm1(x + self._scaled(self.attn(x), self.gamma1))
-            x = self.norm2(x + self._scaled(self.mlp(x), self.gamma2))
+            x = self.norm2(x + self._scaled(self._mlp(x), self.gamma2))
         return x.permute(0, 3, 1, 2)  # (N, C, H, W)
 
 
