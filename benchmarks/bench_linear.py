@@ -37,8 +37,7 @@ def swap_all_linears(enabled: list[bool]) -> None:
 
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if enabled[0] and onednn.takes_onednn_path(x, self):
-            rows = x.reshape(-1, x.shape[-1]).contiguous()
-            return onednn._pointwise(rows, self.weight, self.bias, "none", [], "").view(*x.shape[:-1], -1)
+            return onednn.onednn_linear(x, self)
         return plain_forward(self, x)
 
     nn.Linear.forward = forward

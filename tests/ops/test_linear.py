@@ -19,11 +19,6 @@ def onednn_on(monkeypatch):
     monkeypatch.setenv(L.ENV_VARIABLE, "1")
 
 
-@pytest.fixture
-def onednn_off(monkeypatch):
-    monkeypatch.setenv(L.ENV_VARIABLE, "0")
-
-
 def reference(x: torch.Tensor, layer: nn.Linear, activation: str | None) -> torch.Tensor:
     """The same layer in float64: x @ W^T + b, then the exact (erf) GELU."""
     out = x.double() @ layer.weight.double().t()

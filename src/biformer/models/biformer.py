@@ -19,7 +19,7 @@ from ..layers import ATTENTION_TYPES, stage_token_mixer
 from ..layers.depthwise import DepthwiseConv2d
 from ..layers.downsample_conv import DownsampleConv2d
 from ..layers.token_mixers import check_attention_type, stage_defaults
-from ..ops.linear import linear, runs_as_written, takes_onednn_path
+from ..ops.linear import onednn_linear, runs_as_written, takes_onednn_path
 from ._base import checkpoint_filter_fn, default_cfgs, init_weights  # noqa: F401 (timm's register_model reads default_cfgs)
 from ._pyramid import (
     NUM_STAGES,
@@ -150,7 +150,7 @@ class Block(nn.Module):
             type(middle) is nn.Identity and type(activation) is nn.GELU and activation.approximate == "none"
             and all(runs_as_written(m) for m in (mlp, middle, activation)) and takes_onednn_path(x, fc1, fc2)
         ):
-            return linear(linear(x, fc1, "gelu"), fc2)
+            return onednn_linear(onednn_linear(x, fc1, "gelu"), fc2)  # checked once above
         return mlp(x)
 
     def _scaled(self, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:

@@ -72,6 +72,7 @@ def _pointwise(*args: object) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(*args)
 
 
+@functools.cache
 def _available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -120,6 +121,12 @@ def linear(x: torch.Tensor, layer: nn.Module, activation: str | None = None) -> 
     if not takes_onednn_path(x, layer):
         out = layer(x)
         return F.gelu(out) if activation == "gelu" else out
+    return onednn_linear(x, layer, activation)
+
+
+def onednn_linear(x: torch.Tensor, layer: nn.Linear, activation: str | None = None) -> torch.Tensor:
+    """:func:`linear`'s oneDNN path without its checks, for a caller that has made them once
+    (:func:`takes_onednn_path`, a valid ``activation``): (..., in_features) -> (..., out_features)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in_features); a view for the models' contiguous maps
     # oneDNN's names: "gelu" with algorithm "none" is the exact (erf) GELU of nn.GELU()
     attr, algorithm = ("gelu", "none") if activation == "gelu" else ("none", "")
