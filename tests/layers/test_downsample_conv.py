@@ -62,6 +62,21 @@ def test_inference_under_bf16_autocast_is_autocasts_conv():
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float16])
+def test_a_lower_precision_input_under_bf16_autocast_keeps_the_weight(input_dtype):
+    # biformer_small's last downsampling sees a bfloat16 map under autocast: without the kept weight the conv
+    # would copy its 4.5 MiB weight into channels-last memory on every call
+    conv, x = large_conv(), image().to(input_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.path(x) == "kept"
+        got, expected = conv(x), plain(conv, x)
+        kept = conv._kept[-1]
+        assert kept.dtype == torch.bfloat16 and kept.is_contiguous(memory_format=torch.channels_last)
+        conv(x)
+        assert conv._kept[-1] is kept
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
 def test_kept_weight_follows_in_place_updates_new_data_and_replacement():
     conv, x = large_conv(), image()
     with torch.no_grad():

@@ -12,7 +12,7 @@ on the CPUs measured, beside 3-6 ms for the conv. The weight stays an ordinary c
 - in float32 training on CPU (the weight changes every step, so a kept copy would not help) the conv runs on
   the input in NCHW layout, where oneDNN takes the weight as it is, and its output goes back to channels-last:
   the same conv to float rounding (a different summation order);
-- elsewhere (small weights, other devices, bfloat16 training, non-float32 tensors under autocast, a weight made
+- elsewhere (small weights, other devices, bfloat16 training, float64 tensors under autocast, a weight made
   under ``torch.inference_mode``, ``torch.compile``, export, tracing) it is the plain ``nn.Conv2d``.
 
 Measured in ``benchmarks/RESULTS.md`` (fifth round) and by ``benchmarks/bench_vs_swin.py``'s downsampling table;
@@ -34,6 +34,10 @@ from .._checks import is_tracing
 # biformer_tiny's 256 -> 512 conv (1.18 M), biformer_base's 384 -> 768 (2.65 M); not 128 -> 256 (0.29 M), whose
 # kept channels-last weight was 0.85-1.18x and NCHW input 0.79-1.09x across batch 1-8.
 LARGE_WEIGHT_ELEMENTS = 1 << 20
+# Input dtypes that CPU autocast casts to its dtype for a conv (float64 it leaves alone): under autocast such an
+# input with a float32 weight computes in autocast's dtype, the dtype of the kept weight. In biformer_small under
+# bfloat16 autocast the last downsampling's input is already bfloat16 (the block before it ends in bfloat16).
+_AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class DownsampleConv2d(nn.Conv2d):
@@ -71,7 +75,7 @@ class DownsampleConv2d(nn.Conv2d):
             return "plain"
         autocast = torch.is_autocast_enabled("cpu")
         float32 = x.dtype == weight.dtype == torch.float32
-        if autocast and not float32:
+        if autocast and not (weight.dtype == torch.float32 and x.dtype in _AUTOCAST_INPUTS):
             return "plain"  # autocast's casts for other dtypes (float64 stays float64): nn.Conv2d's own
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             # an inference tensor (a model built under torch.inference_mode) has no version to follow
