@@ -34,3 +34,10 @@ def test_swap_routes_plain_linears_to_onednn_only_while_on(bench, monkeypatch):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     layer(x).sum()  # with gradients (outside no_grad) the swap keeps nn.Linear's call
     assert len(calls) == 1
+
+
+def test_dtypes_are_parsed_and_a_bad_list_is_one_line(bench):
+    assert bench.parse_dtypes("fp32, bf16") == ["fp32", "bf16"]
+    for bad in ("fp16", "", "fp32,int8"):
+        with pytest.raises(SystemExit, match=r"^--dtypes: expected a comma-separated list of fp32, bf16, got "):
+            bench.parse_dtypes(bad)

@@ -59,13 +59,21 @@ def _plain_cases():
 
 @pytest.mark.parametrize(
     "case",
-    ["grad", "float64", "bfloat16", "autocast", "subclass", "hook", "pre_hook", "global_hook", "traced", "off"],
+    ["grad", "float64", "bfloat16", "autocast training", "float16 autocast", "autocast inference-mode weights",
+     "autocast float64", "subclass", "hook", "pre_hook", "global_hook", "traced", "off"],
 )
 def test_other_calls_are_exactly_the_layers_own(monkeypatch, case):
     monkeypatch.setenv(L.ENV_VARIABLE, "0" if case == "off" else "1")
     torch.manual_seed(0)
     layer, x = _plain_cases()
-    grad = case == "grad"
+    grad = case in ("grad", "autocast training")
+    autocast = case.startswith("autocast") or case == "float16 autocast"
+    autocast_dtype = torch.float16 if case == "float16 autocast" else torch.bfloat16
+    if case == "autocast inference-mode weights":
+        with torch.inference_mode():
+            layer = nn.Linear(8, 8)
+    if case == "autocast float64":
+        x = x.double()
     if case == "float64":
         layer, x = layer.double(), x.double()
     if case == "bfloat16":
@@ -81,7 +89,7 @@ def test_other_calls_are_exactly_the_layers_own(monkeypatch, case):
     if case == "global_hook":
         handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append("global"))
     try:
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=case == "autocast"):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", autocast_dtype, enabled=autocast):
             if case == "traced":
                 wrapper = nn.Module()
                 wrapper.layer = layer
@@ -91,6 +99,13 @@ def test_other_calls_are_exactly_the_layers_own(monkeypatch, case):
                 assert "aten::linear" in graph and "mkldnn" not in graph
                 return
             assert not L.takes_onednn_path(x, layer)
+            if case == "autocast float64":  # autocast leaves float64 alone: the layer's own error, unchanged
+                with pytest.raises(RuntimeError) as ours:
+                    L.linear(x, layer, "gelu")
+                with pytest.raises(RuntimeError) as theirs:
+                    layer(x)
+                assert str(ours.value) == str(theirs.value)
+                return
             out = L.linear(x, layer, "gelu")
             expected = F.gelu(layer(x))
     finally:
@@ -164,3 +179,144 @@ def test_model_forward_with_and_without_the_path(monkeypatch):
     model.train()
     model(x).sum().backward()
     assert not calls
+
+
+# --- CPU bfloat16 autocast inference: the same fused GEMM on kept bfloat16 weights ---------------------------
+def _bf16_gemm_runs() -> bool:
+    """Whether oneDNN runs a bfloat16 linear here at all (natively or emulated): the path's results are then
+    tested on any CPU, with its native-bf16 check (``_bf16_available``) forced on."""
+    if not L._available():
+        return False
+    try:
+        L._pointwise(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(3, 4, dtype=torch.bfloat16), None,
+                     "none", [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
+needs_bf16_gemm = pytest.mark.skipif(not _bf16_gemm_runs(), reason="oneDNN runs no bfloat16 linear here")
+
+
+@pytest.fixture
+def bf16_on(monkeypatch):
+    monkeypatch.setenv(L.ENV_VARIABLE, "1")
+    monkeypatch.setattr(L, "_bf16_available", lambda: True)
+    L.clear_kept_weights()
+    yield
+    L.clear_kept_weights()
+
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_bf16_autocast_path_matches_float64_and_autocast(bf16_on, input_dtype, bias, activation):
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 40, bias=bias)
+    x = torch.randn(2, 7, 48).to(input_dtype)
+    with torch.no_grad(), bf16_autocast():
+        assert L.takes_onednn_path(x, layer)
+        out = L.linear(x, layer, activation)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(L.ENV_VARIABLE, "0")
+            theirs = L.linear(x, layer, activation)  # autocast's own call
+    assert out.dtype == theirs.dtype == torch.bfloat16 and out.shape == (2, 7, 40)
+    # the float64 reference on the bfloat16 operands autocast computes with
+    rounded = nn.Linear(48, 40, bias=bias).double()
+    with torch.no_grad():
+        rounded.weight.copy_(layer.weight.bfloat16())
+        if bias:
+            rounded.bias.copy_(layer.bias.bfloat16())
+    expected = reference(x.bfloat16(), rounded, activation)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)  # one bfloat16 rounding
+    torch.testing.assert_close(out.double(), theirs.double(), rtol=2e-2, atol=2e-2)
+
+
+@needs_bf16_gemm
+def test_kept_bf16_weight_is_made_once_and_follows_every_change(bf16_on):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+
+    def check() -> torch.Tensor:
+        with torch.no_grad(), bf16_autocast():
+            got = L.linear(x, layer)
+            expected = F.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16())
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+        return L._KEPT[layer.weight][2]
+
+    first = check()
+    assert check() is first  # the same kept tensor while nothing changed
+    changes = [
+        lambda: layer.weight.mul_(-2.0),  # in place: a new version
+        lambda: setattr(layer.weight, "data", torch.randn(8, 16)),  # new data, the same Parameter
+        lambda: setattr(layer, "weight", nn.Parameter(torch.randn(8, 16))),  # another Parameter
+        lambda: layer.bias.add_(3.0),  # the bias alone
+        lambda: setattr(layer, "bias", nn.Parameter(torch.randn(8))),
+        lambda: layer.load_state_dict(nn.Linear(16, 8).state_dict()),
+    ]
+    for change in changes:
+        kept = check()
+        with torch.no_grad():
+            change()
+        assert check() is not kept
+
+
+@needs_bf16_gemm
+def test_kept_weights_go_with_the_layer_and_are_never_copied(bf16_on):
+    import copy
+    import gc
+    import pickle
+
+    layer = nn.Linear(16, 8)
+    with torch.no_grad(), bf16_autocast():
+        L.linear(torch.randn(3, 16), layer)
+    assert len(L._KEPT) == 1
+    other = copy.deepcopy(layer)
+    pickle.loads(pickle.dumps(layer))
+    assert other.weight not in L._KEPT and len(L._KEPT) == 1  # nothing of it in the copies
+    del layer
+    gc.collect()
+    assert len(L._KEPT) == 0  # freed with its layer
+    with torch.no_grad(), bf16_autocast():
+        L.linear(torch.randn(3, 16), other)
+    L.clear_kept_weights()
+    assert len(L._KEPT) == 0
+
+
+def test_bf16_autocast_without_native_bf16_keeps_autocasts_call(monkeypatch):
+    monkeypatch.setenv(L.ENV_VARIABLE, "1")
+    monkeypatch.setattr(L, "_bf16_available", lambda: False)
+    with torch.no_grad(), bf16_autocast():
+        assert not L.takes_onednn_path(torch.randn(2, 8), nn.Linear(8, 8))
+
+
+@needs_bf16_gemm
+def test_model_forward_under_bf16_autocast_with_and_without_the_path(bf16_on, monkeypatch):
+    """biformer_nano under bf16 autocast: the kept-weight GEMMs give autocast's logits to bfloat16 rounding and
+    predict the same classes."""
+    torch.manual_seed(0)
+    model = timm.create_model("biformer_nano").eval()
+    x = torch.randn(2, 3, 64, 64)
+    calls = []
+    real = L._pointwise
+    monkeypatch.setattr(L, "_pointwise", lambda *args: calls.append(args[1].dtype) or real(*args))
+    with torch.no_grad():
+        monkeypatch.setenv(L.ENV_VARIABLE, "0")
+        with bf16_autocast():
+            plain = model(x)
+        monkeypatch.setenv(L.ENV_VARIABLE, "1")
+        with bf16_autocast():
+            fused = model(x)
+        reference64 = model.double()(x.double())
+    assert calls and set(calls) == {torch.bfloat16}
+    # both runs are one bfloat16 computation of the same network: equally far from float64
+    error_fused = (fused.double() - reference64).abs().max()
+    error_plain = (plain.double() - reference64).abs().max()
+    assert error_fused <= 2 * error_plain + 1e-2
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=5e-2, atol=5e-2)
