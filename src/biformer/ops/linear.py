@@ -15,10 +15,10 @@ the output first, runs GELU as a second pass, and casts every weight to bfloat16
 (once per forward where, as usual, each call has its own ``with torch.autocast(...)``). Here the input is cast
 as autocast would cast it, the bias and GELU are fused, and each layer's bfloat16 weight and bias are kept (in
 a table keyed weakly by the weight, so they go with the model; made again when the weight or bias changes:
-another tensor, new data, an in-place update): biformer_small 1.11-1.23x at batch 1 and 1.07x at batch 8. The
-kept copies cost half the float32 size of the layers they cover (about 46 MB for biformer_small);
-:func:`clear_kept_weights` hands them back. Outputs match autocast's to bfloat16 rounding (GELU here is taken
-before the rounding, not after it).
+another tensor, new data, an in-place update): biformer_small 1.02-1.21x at batch 1 and 1.07x at batch 8
+(swin_tiny gains as much from kept weights). The kept copies cost half the float32 size of the layers they
+cover (about 46 MB for biformer_small); :func:`clear_kept_weights` hands them back. Outputs match autocast's
+to bfloat16 rounding (GELU here is taken before the rounding, not after it).
 
 :func:`linear` takes oneDNN's path only where all of these hold, and is ``layer(x)`` (then ``F.gelu``) elsewhere:
 
