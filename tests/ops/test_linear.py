@@ -320,3 +320,16 @@ def test_model_forward_under_bf16_autocast_with_and_without_the_path(bf16_on, mo
     error_plain = (plain.double() - reference64).abs().max()
     assert error_fused <= 2 * error_plain + 1e-2
     torch.testing.assert_close(fused.float(), plain.float(), rtol=5e-2, atol=5e-2)
+
+
+@needs_bf16_gemm
+def test_clear_kept_weights_frees_the_entries_of_a_converted_model(bf16_on):
+    layer = nn.Linear(16, 8)
+    with torch.no_grad(), bf16_autocast():
+        L.linear(torch.randn(3, 16), layer)
+    layer.bfloat16()  # the same Parameter objects, now bfloat16: the path no longer applies
+    with torch.no_grad(), bf16_autocast():
+        assert not L.takes_onednn_path(torch.randn(3, 16), layer)
+    assert layer.weight in L._KEPT
+    L.clear_kept_weights()
+    assert layer.weight not in L._KEPT

@@ -104,7 +104,10 @@ _KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def clear_kept_weights() -> None:
-    """Drop every kept bfloat16 weight (see the module doc); the next autocast call makes them again."""
+    """Drop every kept bfloat16 weight (see the module doc); the next autocast call makes them again.
+
+    An entry lives as long as its weight Parameter. A model converted in place afterwards (``model.bfloat16()``
+    keeps the Parameter objects) no longer uses its entries but keeps them until this call or its deletion."""
     _KEPT.clear()
 
 
