@@ -46,7 +46,7 @@ def swap_all_linears(enabled: list[bool]) -> None:
     nn.Linear.forward = forward
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")  # bf16: under CPU autocast
 
 
 def parse_dtypes(text: str) -> list[str]:

@@ -22,4 +22,4 @@ class QKVLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (..., 2 * qk_dim + dim)."""
-        return linear(x, self.qkv)  # oneDNN's GEMM in CPU float32 inference (biformer.ops.linear)
+        return linear(x, self.qkv)  # oneDNN's GEMM in CPU inference, fp32 or bf16 autocast (biformer.ops.linear)

@@ -141,7 +141,7 @@ class Block(nn.Module):
         self.pre_norm = pre_norm
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.mlp(x)``; in CPU float32 inference fc1 + GELU and fc2 as oneDNN GEMMs (:mod:`biformer.ops.linear`)."""
+        """``self.mlp(x)``; in CPU inference fc1 + GELU and fc2 as oneDNN GEMMs (:mod:`biformer.ops.linear`)."""
         mlp = self.mlp
         if type(mlp) is not nn.Sequential or len(mlp) != 4:  # replaced by the user: its own call
             return mlp(x)
