@@ -44,7 +44,7 @@ import torch
 
 PAIRS = [("biformer_small", "swin_tiny_patch4_window7_224"), ("biformer_tiny", "pvt_v2_b1")]
 SIZE = 224
-BACKENDS = ["gather", "sdpa", "dense"]
+BACKENDS = ["gather", "sdpa", "dense", "cpu_fused"]
 
 
 # --- measuring ----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ DATA_PATH_ENV = "BIFORMER_DATA_PATH"  # biformer.train.data.DATA_PATH_ENV, spell
 # the session's temporary folders (pytest_configure), the environment variables pointed at them
 _SESSION: dict[str, Path] = {}
 _REDIRECTED = {"TORCH_HOME": "torch", "HF_HOME": "huggingface", "MPLCONFIGDIR": "matplotlib",
-               DATA_PATH_ENV: "no-datasets"}
+               DATA_PATH_ENV: "no-datasets", "TORCH_EXTENSIONS_DIR": "torch_extensions"}
 _GUARD = {"on": False, "forbidden": ()}
 _LOCAL_HOSTS = {None, "", "localhost", "ip6-localhost", socket.gethostname()}
 
@@ -182,6 +182,24 @@ def _seed_and_threads():
     torch.set_num_threads(threads)
     os.chdir(folder)
     assert get_default_backend() == backend, "a test left another default attention backend behind"
+
+
+@pytest.fixture
+def without_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BIFORMER_CPU_KERNELS=0`` for the test: ``auto`` follows its rule for a machine where the fused CPU kernels
+    do not build (the PyTorch backends only)."""
+    monkeypatch.setenv("BIFORMER_CPU_KERNELS", "0")
+
+
+@pytest.fixture
+def with_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` sees the fused CPU kernels as built (for the tests of its choices; nothing is run or built)."""
+    import dataclasses
+
+    from biformer.ops.backends import registry
+
+    backend = registry._BACKENDS["cpu_fused"]
+    monkeypatch.setitem(registry._BACKENDS, "cpu_fused", dataclasses.replace(backend, available=lambda: True))
 
 
 # --- the scripts of benchmarks/, loaded as modules for the tests of their pure parts (tests/benchmarks) -------

@@ -40,7 +40,7 @@ def test_reports_what_auto_selects_for_each_stage_shape():
         assert chosen[name] == expected
 
 
-def test_follows_the_default_and_the_gradient_mode_and_leaves_no_hook():
+def test_follows_the_default_and_the_gradient_mode_and_leaves_no_hook(without_cpu_kernels):
     model = small_model()
     images = torch.randn(2, 3, 64, 64)
     with biformer.attention_backend("sdpa"):

@@ -48,9 +48,12 @@ def test_cpu_name_from_a_written_cpuinfo(bench, monkeypatch, tmp_path, flags, ex
     assert bench.cpu_name() == f"CPU: Some CPU {expected}"
 
 
-def test_layer_table_has_a_row_per_stage_mode_and_dtype_with_autos_choice_marked(bench, monkeypatch, capsys):
+@pytest.mark.parametrize("kernels", ["without_cpu_kernels", "with_cpu_kernels"])
+def test_layer_table_has_a_row_per_stage_mode_and_dtype_with_autos_choice_marked(bench, monkeypatch, capsys, request,
+                                                                                 kernels):
     # The timings are stubbed (the table's shape and its `*` are what is checked): every rule `auto` applies at
-    # the stage shapes, bf16 training included, has its row.
+    # the stage shapes, bf16 training included, has its row, with and without the fused CPU kernels.
+    request.getfixturevalue(kernels)
     monkeypatch.setattr(bench, "layer_call", lambda *args: (lambda: None))
     monkeypatch.setattr(bench, "interleaved_median",
                         lambda calls, rounds: {name: 0.001 * (i + 1) for i, name in enumerate(calls)})
@@ -61,5 +64,8 @@ def test_layer_table_has_a_row_per_stage_mode_and_dtype_with_autos_choice_marked
     for row in rows:
         cells = row.strip("| ").split(" | ")[2:]
         marked = [backend for backend, cell in zip(bench.BACKENDS, cells, strict=True) if cell.endswith("*")]
-        expected = "dense" if row.startswith("| 3 ") else "gather"
+        if kernels == "with_cpu_kernels":
+            expected = "cpu_fused"
+        else:
+            expected = "dense" if row.startswith("| 3 ") else "gather"
         assert marked == [expected], row

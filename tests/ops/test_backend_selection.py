@@ -14,6 +14,7 @@ from biformer.ops.functional import routed_attention, routed_attention_heads
 
 CPU, CUDA, META = torch.device("cpu"), torch.device("cuda"), torch.device("meta")  # device objects: no GPU needed
 
+# The rule where the fused CPU kernels are not available (BIFORMER_CPU_KERNELS=0, no compiler): the PyTorch backends.
 # (device, needs_grad, num_regions, topk, tokens_per_region) -> backend
 CASES = [
     # BiFormer-T at 224 px: stages 1-3, inference then training (CPU)
@@ -56,9 +57,38 @@ CASES = [
 
 
 @pytest.mark.parametrize(("device", "needs_grad", "regions", "topk", "tokens", "expected"), CASES)
-def test_auto_choice_is_pinned(device, needs_grad, regions, topk, tokens, expected):
+def test_auto_choice_is_pinned(without_cpu_kernels, device, needs_grad, regions, topk, tokens, expected):
     chosen = select_backend(
         num_regions=regions, topk=topk, tokens_per_region=tokens, device=device, needs_grad=needs_grad
+    )
+    assert chosen == expected
+
+
+# Where the kernels are built, the CPU rule takes them in float32 and bfloat16 at every size, inference and training;
+# other dtypes and devices keep the rule above. (device, needs_grad, regions, topk, tokens, dtype) -> backend
+CASES_WITH_KERNELS = [
+    (CPU, False, 49, 1, 64, torch.float32, "cpu_fused"),
+    (CPU, False, 49, 4, 16, torch.bfloat16, "cpu_fused"),
+    (CPU, False, 49, 16, 4, None, "cpu_fused"),  # no dtype given: not checked
+    (CPU, True, 49, 1, 64, torch.float32, "cpu_fused"),
+    (CPU, True, 49, 16, 4, torch.bfloat16, "cpu_fused"),
+    (CPU, True, 49, 16, 400, torch.float32, "cpu_fused"),  # its backward keeps no scores either
+    (CPU, False, 49, 1, 1369, torch.float32, "cpu_fused"),
+    (CPU, False, 49, 16, 4, torch.float64, "dense"),
+    (CPU, True, 49, 4, 16, torch.float64, "gather"),
+    (CPU, False, 49, 4, 16, torch.float16, "gather"),
+    (CUDA, False, 49, 4, 16, torch.float32, "sdpa"),
+    (CUDA, True, 49, 16, 4, torch.float32, "gather"),
+    (META, False, 49, 16, 4, torch.float32, "dense"),
+]
+
+
+@pytest.mark.parametrize(("device", "needs_grad", "regions", "topk", "tokens", "dtype", "expected"),
+                         CASES_WITH_KERNELS)
+def test_auto_choice_with_the_cpu_kernels_is_pinned(with_cpu_kernels, device, needs_grad, regions, topk, tokens,
+                                                     dtype, expected):
+    chosen = select_backend(
+        num_regions=regions, topk=topk, tokens_per_region=tokens, device=device, needs_grad=needs_grad, dtype=dtype
     )
     assert chosen == expected
 
@@ -67,7 +97,7 @@ def test_auto_choice_is_pinned(device, needs_grad, regions, topk, tokens, expect
 SIZES = dict(num_regions=49, topk=16, tokens_per_region=4, device=CPU, needs_grad=True)  # auto: dense
 
 
-def test_names_and_the_default_resolve_once_to_a_concrete_backend():
+def test_names_and_the_default_resolve_once_to_a_concrete_backend(without_cpu_kernels):
     for name in available_backends()[1:]:
         assert select_backend(name, **SIZES) == name
         assert resolve_backend(name, **SIZES) is get_backend(name)
@@ -82,7 +112,7 @@ def test_names_and_the_default_resolve_once_to_a_concrete_backend():
         get_backend("auto")
 
 
-def test_auto_reads_the_capability_flags(monkeypatch):
+def test_auto_reads_the_capability_flags(without_cpu_kernels, monkeypatch):
     dense, sdpa = get_backend("dense"), get_backend("sdpa")
     large = dict(SIZES, tokens_per_region=400)  # training on a large map: sdpa
     assert select_backend(**large, dtype=torch.float32) == "sdpa"
@@ -104,7 +134,9 @@ def test_auto_reads_the_capability_flags(monkeypatch):
 def test_registered_flags():
     layouts = {name: get_backend(name).layout for name in available_backends()[1:]}
     assert layouts == {name: "heads" for name in layouts} | {"reference": "regions"}
-    assert [name for name in available_backends()[1:] if get_backend(name).auto] == ["gather", "sdpa", "dense"]
+    assert [name for name in available_backends()[1:] if get_backend(name).auto] == [
+        "gather", "sdpa", "dense", "cpu_fused"
+    ]
     assert [name for name in available_backends()[1:] if get_backend(name).whole_batch] == ["reference"]
     triton = get_backend("triton")
     assert triton.devices == ("cuda",) and triton.max_head_dim == 256 and torch.float64 not in triton.dtypes

@@ -151,7 +151,7 @@ def test_default_gather_path_is_bitwise_reproducible():
 CPU = torch.device("cpu")
 
 
-def test_auto_choices_on_cpu():
+def test_auto_choices_on_cpu(without_cpu_kernels):
     inference, training = dict(device=CPU, needs_grad=False), dict(device=CPU, needs_grad=True)
     stages_224 = [(49, 1, 64), (49, 4, 16), (49, 16, 4)]  # BiFormer-T: (regions, topk, tokens per region)
     # inference: the chunked gather at stages 1-2, dense at stage 3 (as in training)

@@ -15,6 +15,7 @@ from ..ops.qkv_heads import qkv_to_heads
 from ..ops.regions import (
     head_region_means,
     head_regions_to_image,
+    image_region_means,
     image_to_regions,
     is_symbolic,
     pad_bottom_right,
@@ -174,7 +175,12 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
         topk = self._grid_topk(grid_h, grid_w)
         qkv = self.qkv(x)  # (N, H, W, 2*qk_dim + C)
         backend = self._resolve(x, qkv.dtype, grid_h, grid_w, topk)  # once per forward, handed down as resolved
-        attend = self._attend_region_layout if backend.layout == REGION_LAYOUT else self._attend_head_layout
+        if backend.image_function is not None and backend.runs_on(qkv):
+            attend = self._attend_image_layout
+        elif backend.layout == REGION_LAYOUT:
+            attend = self._attend_region_layout
+        else:
+            attend = self._attend_head_layout
         out, topk_index = attend(qkv, grid_h, grid_w, topk, backend)  # (N, H, W, C) attention + LCE
         out = linear(out, self.wo)
         if is_symbolic(height, width):
@@ -214,6 +220,21 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
         out = regions_to_image(out, grid_h, grid_w, region_h, region_w)  # (N, H, W, C)
         local_context = self._local_context(qkv[..., 2 * self.qk_dim :])
         return (out if local_context is None else out + local_context), topk_index
+
+    def _attend_image_layout(
+        self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: Backend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused data flow (``cpu_fused``): the routing from one pass of region means over the projection, the
+        LCE conv on its V channels, then the backend's ``image_function`` reads q, k, v where they lie and writes
+        the attention output plus the LCE map in image order (no head-major copy)."""
+        means = image_region_means(qkv[..., : 2 * self.qk_dim], grid_h, grid_w)  # (N, R, 2 * qk_dim)
+        topk_index = route_regions(means[..., : self.qk_dim], means[..., self.qk_dim :], topk, self.scale)
+        local_context = self._local_context(qkv[..., 2 * self.qk_dim :])
+        out = backend.image_function(
+            qkv, topk_index, local_context, grid_h=grid_h, grid_w=grid_w, num_heads=self.num_heads,
+            qk_dim=self.qk_dim, scale=self.scale,
+        )  # (N, H, W, C)
+        return out, topk_index
 
     def _attend_head_layout(
         self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: Backend

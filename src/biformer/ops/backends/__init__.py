@@ -9,7 +9,7 @@ Adding a backend: write ``backends/<name>.py`` with a plain function of the head
 in the line below. Where ``auto`` should prefer it, add it to the preference lists of :func:`select_backend`.
 """
 
-from . import reference, gather, sdpa, dense, flex, triton  # noqa: F401, I001  (registration order)
+from . import reference, gather, sdpa, dense, flex, triton, cpu_fused  # noqa: F401, I001  (registration order)
 from .registry import (
     HEAD_LAYOUT,
     REGION_LAYOUT,

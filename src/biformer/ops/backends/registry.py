@@ -45,6 +45,14 @@ class Backend:
         min_routed_fraction: ``auto`` gives it only calls that route at least this fraction of the regions.
         max_head_dim: the largest q or v head size it accepts; None: any.
         whole_batch: the models must run it on the whole batch in one call (never on groups of images).
+        available: None, or a check that its own implementation can run in this process now (compiled kernels
+            built, not being traced or compiled); ``auto`` skips it where the check says no.
+        image_function: None, or an entry that takes the BRA projection's output directly:
+            ``fn(qkv, topk_index, add_to, *, grid_h, grid_w, num_heads, qk_dim, scale)`` with qkv
+            (N, H, W, 2 * qk_dim + C) -> (N, H, W, C) plus ``add_to`` (N, H, W, C) when given; the BRA layer calls
+            it instead of splitting the projection into head-major q, k, v.
+        runs_on: with ``image_function``: whether its own implementation runs for a call on this projection output
+            (device, dtype, kernels built, not traced); where it says no, the layer takes the head-major path.
     """
 
     name: str
@@ -58,6 +66,9 @@ class Backend:
     min_routed_fraction: float = 0.0
     max_head_dim: int | None = None
     whole_batch: bool = False
+    available: Callable[[], bool] | None = None
+    image_function: AttentionFn | None = None
+    runs_on: Callable[[torch.Tensor], bool] | None = None
 
     def admits(
         self,
@@ -79,6 +90,7 @@ class Backend:
             and (self.max_tokens is None or num_regions * tokens_per_region <= self.max_tokens)
             and topk >= self.min_routed_fraction * num_regions
             and (self.max_head_dim is None or head_dim is None or head_dim <= self.max_head_dim)
+            and (self.available is None or self.available())
         )
 
 
@@ -170,6 +182,9 @@ def select_backend(
     ``auto`` takes the first backend of a preference list, measured in ``benchmarks/RESULTS.md`` (CPU, fp32
     and bf16, inference and training), that its flags admit (:meth:`Backend.admits`), else ``gather``:
 
+    - CPU, float32 and bfloat16, inference and training: ``cpu_fused`` wherever its kernels are built (see
+      :mod:`biformer.ops.cpu_kernels`) and the call is not traced or compiled: it was the fastest at every
+      BiFormer stage shape, forward and forward + backward. Without it, the rules below;
     - CPU (and every device but CUDA), inference: ``dense`` where its flags admit it (stage 3 at 224 px: its
       three large batched products beat the gather of 16 regions of 4 tokens), else ``gather``, whose chunked
       inference form is the fastest at the other BiFormer shapes and keeps the memory bounded at any image size;
@@ -204,11 +219,11 @@ def select_backend(
     if device.type == "cuda":  # not measured here
         preferred = ("gather",) if needs_grad else ("sdpa", "gather")
     elif not needs_grad:
-        preferred = ("dense", "gather")
+        preferred = ("cpu_fused", "dense", "gather")
     elif topk * tokens_per_region**2 > LARGE_SCORES:
-        preferred = ("sdpa", "gather")
+        preferred = ("cpu_fused", "sdpa", "gather")
     else:
-        preferred = ("dense", "gather")
+        preferred = ("cpu_fused", "dense", "gather")
     sizes = dict(
         num_regions=num_regions, topk=topk, tokens_per_region=tokens_per_region, device=device,
         needs_grad=needs_grad, dtype=dtype, head_dim=head_dim,

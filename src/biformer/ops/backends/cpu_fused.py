@@ -1,0 +1,61 @@
+"""``cpu_fused``: routed attention as fused C++ kernels on the CPU (:mod:`biformer.ops.cpu_kernels`). Head-major,
+and an entry that reads the BRA projection's output directly.
+
+Nothing is gathered or copied into a head-major layout: per image, query region and head the kernel reads the
+routed keys and values where they lie, computes the scores, softmax and weighted sum in float32 registers, and
+writes the output in image order with the local-context map added. Its backward recomputes the scores from the
+saved log-sum-exp (no score tensor kept) and is deterministic. float32 and bfloat16 (float32 arithmetic).
+
+Where the kernels cannot run (another device or dtype, kernels switched off or not buildable on this machine,
+``torch.compile`` / export / tracing) the backend computes the same function with ``gather``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._checks import is_tracing
+from ..cpu_kernels import SUPPORTED_DTYPES, FusedHeadAttention, FusedImageAttention, kernels_available
+from .gather import gather_attention
+from .registry import register_backend
+
+
+def kernels_usable() -> bool:
+    """Whether ``auto`` may pick the kernels now: not tracing or compiling, and built (the first call may build
+    them, see :mod:`biformer.ops.cpu_kernels`)."""
+    return not is_tracing() and kernels_available()
+
+
+def kernels_run(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels (rather than the fallback) compute a call on these tensors."""
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in SUPPORTED_DTYPES
+        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+        and not is_tracing(first)
+        and kernels_available()
+    )
+
+
+def fused_image_attention(
+    qkv: torch.Tensor, topk_index: torch.Tensor, add_to: torch.Tensor | None, *, grid_h: int, grid_w: int,
+    num_heads: int, qk_dim: int, scale: float,
+) -> torch.Tensor:
+    """The BRA layer's entry: qkv (N, H, W, 2 * qk_dim + C) -> (N, H, W, C) (+ ``add_to``, same dtype), where
+    :func:`kernels_run` said yes for qkv."""
+    return FusedImageAttention.apply(qkv, topk_index, add_to, grid_h, grid_w, num_heads, qk_dim, scale)
+
+
+@register_backend(
+    "cpu_fused", auto=True, devices=("cpu",), dtypes=SUPPORTED_DTYPES, available=kernels_usable,
+    image_function=fused_image_attention, runs_on=kernels_run,
+)
+def cpu_fused_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk_index: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """Fused gather + attention on head-major tensors (heads, N, R, L, d) -> (heads, N, R, L_q, d_v); ``gather``
+    where the kernels cannot run (see module doc)."""
+    if not kernels_run(query, key, value):
+        return gather_attention(query, key, value, topk_index, scale=scale)
+    return FusedHeadAttention.apply(query, key, value, topk_index, scale)

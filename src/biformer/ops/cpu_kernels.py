@@ -1,0 +1,266 @@
+"""The fused CPU kernels of routed attention: C++ (``csrc/routed_attention.cpp``), built on first use and cached.
+
+The kernels compute BRA's token-to-token attention without gathering anything: for each image, query region and
+head they read the routed regions' keys and values where they lie (the BRA projection's NHWC output, channel
+slices of it, or the head-major layout), run the products, softmax and weighted sum in float32 registers, and
+write the output (plus the local-context map, when given) in the layout the caller wants. The backward recomputes
+the scores from the saved log-sum-exp and sums every key's gradient over the query regions in a fixed order: no
+score tensor is stored and the result is deterministic. Inputs float32 or bfloat16 (products and sums in float32).
+
+Building. The first use in a process compiles the source with PyTorch's C++ extension tools
+(``torch.utils.cpp_extension.load``) for this CPU's vector width (AVX-512, AVX2 or plain C++, as
+``torch.backends.cpu.get_cpu_capability()`` reports it) and the installed torch; one line on stderr says so (about
+30 seconds on 2 cores). The library is cached in PyTorch's extension folder (``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and later processes load it in a moment. It needs a C++ compiler (``$CXX`` or
+``c++``) and ``ninja`` (a dependency of biformer). Where either is missing or the build fails, one warning names
+the reason and BRA runs its PyTorch backends (the same function, slower).
+
+``BIFORMER_CPU_KERNELS``: unset or empty (default) builds and uses the kernels where they build; ``0`` never builds
+or uses them; ``1`` requires them (a failed build raises instead of warning). Any other value: ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ENV_VARIABLE = "BIFORMER_CPU_KERNELS"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "routed_attention.cpp"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+# Compiler flags per vector width (the ones ATen builds its own AVX2 / AVX-512 kernels with).
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+}
+
+
+def kernels_setting() -> str | None:
+    """``BIFORMER_CPU_KERNELS`` read now: None (unset or empty: automatic), ``"0"`` or ``"1"``."""
+    value = os.environ.get(ENV_VARIABLE, "").strip()
+    if value == "":
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV_VARIABLE}: expected 0, 1 or unset, got {value!r}")
+    return value
+
+
+def cpu_capability() -> str:
+    """The vector width the kernels are compiled for: ``"AVX512"``, ``"AVX2"`` or ``"DEFAULT"`` (torch's own
+    dispatch level on this CPU; other reports, such as ARM's, take the plain C++ build)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in _CAPABILITY_FLAGS else "DEFAULT"
+
+
+def extension_name() -> str:
+    """The cached library's name: one per torch version and vector width (a library built for another torch
+    would not load)."""
+    version = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+    return f"biformer_cpu_torch{version}_{cpu_capability().lower()}"
+
+
+def missing_tools() -> str | None:
+    """What the build needs and this machine lacks (a one-line reason), or None."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} is not on PATH; set CXX or install g++)"
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _build() -> None:
+    """Compile (or load from the cache) and register ``torch.ops.biformer_cpu``; raises on failure."""
+    if hasattr(torch.ops, "biformer_cpu") and hasattr(torch.ops.biformer_cpu, "routed_attention_forward"):
+        return  # loaded by an earlier call of this process
+    reason = missing_tools()
+    if reason is not None:
+        raise RuntimeError(reason)
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    name = extension_name()
+    directory = Path(_get_build_directory(name, verbose=False))
+    if not any(directory.glob(f"{name}*.so")):
+        print(f"biformer: building the fused CPU attention kernels once for torch {torch.__version__} "
+              f"({cpu_capability()}) in {directory} (about 30 s)", file=sys.stderr, flush=True)
+    load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *_CAPABILITY_FLAGS[cpu_capability()]],
+         is_python_module=False, verbose=False)
+
+
+@functools.cache
+def _load_once() -> str | None:
+    """Build or load the kernels once per process: None when they are ready, else why not (one line)."""
+    try:
+        _build()
+    except Exception as error:  # noqa: BLE001 (any build failure falls back to the PyTorch backends)
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        return lines[0][:300] if lines else type(error).__name__
+    return None
+
+
+def kernels_available() -> bool:
+    """Whether the fused CPU kernels can run in this process: not switched off by ``BIFORMER_CPU_KERNELS=0``, and
+    built (or loaded from the cache; the first call may build them). A failed build warns once and returns False,
+    or raises ``RuntimeError`` when ``BIFORMER_CPU_KERNELS=1``."""
+    setting = kernels_setting()
+    if setting == "0":
+        return False
+    reason = _load_once()
+    if reason is None:
+        return True
+    if setting == "1":
+        raise RuntimeError(f"{ENV_VARIABLE}=1: the fused CPU kernels could not be built: {reason}")
+    _warn_once(reason)
+    return False
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(
+        f"biformer: the fused CPU attention kernels could not be built ({reason}); BRA runs its PyTorch backends "
+        f"(the same results, slower). {ENV_VARIABLE}=0 skips the attempt.",
+        RuntimeWarning, stacklevel=3,
+    )
+
+
+def build_kernels() -> str:
+    """Build (or load) the kernels now and return the cached library's folder; raises ``RuntimeError`` with the
+    compiler's message if the build fails. Use it to build ahead of time (e.g. in a container image)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    _build()
+    _load_once.cache_clear()
+    return _get_build_directory(extension_name(), verbose=False)
+
+
+# --- views ----------------------------------------------------------------------------------------------------
+def image_view(x: torch.Tensor, grid_h: int, grid_w: int, num_heads: int) -> torch.Tensor:
+    """(N, H, W, heads * d) (a channel slice is fine) as the kernels' 7-D view
+    (N, grid_h, grid_w, region_h, region_w, heads, d), no copy."""
+    batch, height, width, channels = x.shape
+    view = x.view(batch, grid_h, height // grid_h, grid_w, width // grid_w, num_heads, channels // num_heads)
+    return view.permute(0, 1, 3, 2, 4, 5, 6)
+
+
+def heads_view(x: torch.Tensor) -> torch.Tensor:
+    """Head-major (heads, N, R, L, d) as the kernels' 7-D view (N, R, 1, L, 1, heads, d), no copy (regions and
+    tokens keep their numbering; the grid shape does not matter to the kernels)."""
+    heads, batch, regions, tokens, head_dim = x.shape
+    return x.view(heads, batch, regions, 1, tokens, 1, head_dim).permute(1, 2, 3, 4, 5, 0, 6)
+
+
+def region_means(x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Mean token of every region of an NHWC map (a channel slice is fine), in one pass; float32 sums.
+
+    Args:
+        x: (N, H, W, C), float32 or bfloat16, H and W multiples of the grid.
+
+    Returns:
+        (N, grid_h * grid_w, C) in x's dtype, not tracked by autograd (the routing is not differentiable).
+    """
+    return torch.ops.biformer_cpu.region_means(image_view(x.detach(), grid_h, grid_w, 1))
+
+
+# --- autograd ---------------------------------------------------------------------------------------------------
+def _lse_like(query7: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    batch, grid_h, grid_w, region_h, region_w, heads, _ = query7.shape
+    if not needed:
+        return None
+    return torch.empty(batch, heads, grid_h * grid_w, region_h * region_w, dtype=torch.float32)
+
+
+class FusedImageAttention(torch.autograd.Function):
+    """Routed attention straight from the BRA projection's output, back in image order.
+
+    qkv (N, H, W, 2 * qk_dim + C) -> (N, H, W, C), plus ``add_to`` (N, H, W, C) when given. The gradient of qkv
+    is one tensor whose q, k and v channels the backward kernel writes directly.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, qkv: torch.Tensor, topk_index: torch.Tensor,
+        add_to: torch.Tensor | None, grid_h: int, grid_w: int, num_heads: int, qk_dim: int, scale: float,
+    ) -> torch.Tensor:
+        batch, height, width, channels = qkv.shape
+        parts = _image_parts(qkv, grid_h, grid_w, num_heads, qk_dim)
+        out = qkv.new_empty(batch, height, width, channels - 2 * qk_dim)
+        lse = _lse_like(parts[0], any(ctx.needs_input_grad))
+        torch.ops.biformer_cpu.routed_attention_forward(
+            *parts, topk_index, scale, None if add_to is None else image_view(add_to, grid_h, grid_w, num_heads),
+            image_view(out, grid_h, grid_w, num_heads), lse,
+        )
+        if lse is not None:
+            ctx.save_for_backward(qkv, topk_index, lse)
+            ctx.geometry = (grid_h, grid_w, num_heads, qk_dim, scale)
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None, None, None, None]:
+        qkv, topk_index, lse = ctx.saved_tensors
+        grid_h, grid_w, num_heads, qk_dim, scale = ctx.geometry
+        grad_qkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)  # every element is written
+        torch.ops.biformer_cpu.routed_attention_backward(
+            *_image_parts(qkv, grid_h, grid_w, num_heads, qk_dim), topk_index, lse,
+            image_view(grad.contiguous(), grid_h, grid_w, num_heads), scale,
+            *_image_parts(grad_qkv, grid_h, grid_w, num_heads, qk_dim),
+        )
+        grad_add_to = grad if ctx.needs_input_grad[2] else None
+        return grad_qkv, None, grad_add_to, None, None, None, None, None
+
+
+def _image_parts(
+    qkv: torch.Tensor, grid_h: int, grid_w: int, num_heads: int, qk_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k and v channel slices of an (N, H, W, 2 * qk_dim + C) map as 7-D views."""
+    return (
+        image_view(qkv[..., :qk_dim], grid_h, grid_w, num_heads),
+        image_view(qkv[..., qk_dim : 2 * qk_dim], grid_h, grid_w, num_heads),
+        image_view(qkv[..., 2 * qk_dim :], grid_h, grid_w, num_heads),
+    )
+
+
+class FusedHeadAttention(torch.autograd.Function):
+    """Routed attention on head-major tensors: q, k (heads, N, R, L, d_qk), v (heads, N, R, L, d_v) ->
+    (heads, N, R, L, d_v)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        topk_index: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        heads, batch, regions, tokens, _ = query.shape
+        out = value.new_empty(heads, batch, regions, tokens, value.shape[-1])
+        query7 = heads_view(query)
+        lse = _lse_like(query7, any(ctx.needs_input_grad))
+        torch.ops.biformer_cpu.routed_attention_forward(
+            query7, heads_view(key), heads_view(value), topk_index, scale, None, heads_view(out), lse
+        )
+        if lse is not None:
+            ctx.save_for_backward(query, key, value, topk_index, lse)
+            ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        query, key, value, topk_index, lse = ctx.saved_tensors
+        grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (query, key, value)]
+        torch.ops.biformer_cpu.routed_attention_backward(
+            heads_view(query), heads_view(key), heads_view(value), topk_index, lse, heads_view(grad.contiguous()),
+            ctx.scale, *(heads_view(g) for g in grads),
+        )
+        return grads[0], grads[1], grads[2], None, None

@@ -1,0 +1,631 @@
+// Routed attention (the token-to-token step of Bi-Level Routing Attention) as fused CPU kernels.
+//
+// For each image n, query region r and head h, the queries of r attend to the tokens of the regions
+// topk_index[n, r, :]:  out = softmax(scale * q k^T) v  (+ add_to).  Nothing is gathered in memory: the kernels
+// read the routed keys and values where they lie, and write the output where the caller wants it.
+//
+// Views. Every tensor argument but topk_index and lse is a 7-D view
+//     (N, grid_h, grid_w, region_h, region_w, heads, d)
+// with any strides and a contiguous last axis, so the same kernel reads the BRA projection's NHWC output (channel
+// slices of it), the head-major layout (heads, N, R, L, d) or the region layout (N, R, L, C) without a copy.
+// Region r = gy * grid_w + gx, token l = ly * region_w + lx (row-major, as the reference numbers them).
+// topk_index: int64 (N, R, topk), contiguous, values in [0, R). lse: float32 (N, heads, R, L), contiguous.
+//
+// Numerics: inputs float32 or bfloat16, every product and sum in float32, outputs rounded once to the input dtype.
+// The backward recomputes the scores from q, k and the saved log-sum-exp (no score tensor is stored) and sums
+// each key's gradient over the query regions in a fixed order (no atomics): it is deterministic.
+//
+// Vectorisation: ATen's at::vec::Vectorized<float> (AVX-512, AVX2 or plain C++, chosen when the Python side
+// compiles this file for the CPU it runs on).
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VL = Vec::size();
+// register blocks: query rows per block, vectors of key columns per block (QK-type products)
+constexpr int MQ = 4;
+constexpr int NV = VL >= 16 ? 4 : 2;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+template <typename T>
+inline void load_row(const T* src, int64_t n, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Geometry of one call and the strided views.
+
+struct View {
+  char* base = nullptr;
+  int64_t stride[7] = {0, 0, 0, 0, 0, 0, 0};  // in elements
+};
+
+View make_view(const at::Tensor& t) {
+  View v;
+  v.base = static_cast<char*>(t.data_ptr());
+  for (int i = 0; i < 7; ++i) v.stride[i] = t.stride(i);
+  return v;
+}
+
+struct Geometry {
+  int64_t batch, grid_w, heads, dq, dv, topk;
+  int64_t q_rh, q_rw, kv_rh, kv_rw;       // region shapes of the queries and of the keys / values
+  int64_t regions, q_tokens, kv_tokens;  // R, L_q, L_kv (tokens per region)
+  int64_t keys;                          // topk * L_kv: the keys of one query region
+  int64_t kpad, dq_pad, dv_pad;          // keys, dq, dv rounded up to whole vectors
+  bool direct;                           // L_kv is a whole number of vectors: QK products run on the tiles
+};
+
+Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& topk_index) {
+  Geometry g;
+  g.batch = q.size(0);
+  g.grid_w = q.size(2);
+  g.heads = q.size(5);
+  g.dq = q.size(6);
+  g.dv = v.size(6);
+  g.topk = topk_index.size(2);
+  g.q_rh = q.size(3);
+  g.q_rw = q.size(4);
+  g.kv_rh = k.size(3);
+  g.kv_rw = k.size(4);
+  g.regions = q.size(1) * q.size(2);
+  g.q_tokens = g.q_rh * g.q_rw;
+  g.kv_tokens = g.kv_rh * g.kv_rw;
+  g.keys = g.topk * g.kv_tokens;
+  g.kpad = round_up(g.keys, VL);
+  g.dq_pad = round_up(g.dq, VL);
+  g.dv_pad = round_up(g.dv, VL);
+  g.direct = g.kv_tokens % VL == 0;
+  return g;
+}
+
+// Offsets (in elements, without the image and head terms) of every token of a view whose regions are
+// region_h x region_w tokens, region-major: R * region_h * region_w entries.
+std::vector<int64_t> token_offsets(const View& v, const Geometry& g, int64_t region_h, int64_t region_w) {
+  const int64_t tokens = region_h * region_w;
+  std::vector<int64_t> off(g.regions * tokens);
+  for (int64_t r = 0; r < g.regions; ++r) {
+    const int64_t gy = r / g.grid_w, gx = r % g.grid_w;
+    for (int64_t l = 0; l < tokens; ++l) {
+      const int64_t ly = l / region_w, lx = l % region_w;
+      off[r * tokens + l] = gy * v.stride[1] + gx * v.stride[2] + ly * v.stride[3] + lx * v.stride[4];
+    }
+  }
+  return off;
+}
+
+// The token at offsets[r_l] of image n, head h.
+template <typename T>
+inline T* at_token(const View& v, const std::vector<int64_t>& off, int64_t n, int64_t r_l, int64_t h) {
+  return reinterpret_cast<T*>(v.base) + n * v.stride[0] + off[r_l] + h * v.stride[5];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Micro-kernels (float32, register-blocked).
+
+// c[i][0:cols] = sum_d a[i][d] * b[d][0:cols] for ROWS rows; b row stride ldb, cols a multiple of VL.
+template <int ROWS, int NVV>
+inline void a_bt_block(const float* a, int64_t lda, int64_t depth, const float* b, int64_t ldb, float* c,
+                       int64_t ldc) {
+  Vec acc[ROWS][NVV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < NVV; ++u) acc[i][u] = Vec(0.f);
+  for (int64_t d = 0; d < depth; ++d) {
+    Vec bv[NVV];
+    for (int u = 0; u < NVV; ++u) bv[u] = Vec::loadu(b + d * ldb + u * VL);
+    for (int i = 0; i < ROWS; ++i) {
+      const Vec ai(a[i * lda + d]);
+      for (int u = 0; u < NVV; ++u) acc[i][u] = at::vec::fmadd(ai, bv[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < NVV; ++u) acc[i][u].store(c + i * ldc + u * VL);
+}
+
+template <int ROWS>
+inline void a_bt(const float* a, int64_t lda, int64_t depth, const float* b, int64_t ldb, int64_t cols, float* c,
+                 int64_t ldc) {
+  int64_t j = 0;
+  for (; j + NV * VL <= cols; j += NV * VL) a_bt_block<ROWS, NV>(a, lda, depth, b + j, ldb, c + j, ldc);
+  for (; j < cols; j += VL) a_bt_block<ROWS, 1>(a, lda, depth, b + j, ldb, c + j, ldc);
+}
+
+// c[i][0:width] = sum over tiles t and their rows l of p[i][t * rows + l] * tile_t[l][0:width] (row stride ld),
+// width a multiple of VL; c row stride ldc.
+template <int ROWS, int DV>
+inline void p_tiles_block(const float* p, int64_t ldp, const float* const* tiles, int64_t ntiles, int64_t rows,
+                          int64_t ld, int64_t col, float* c, int64_t ldc) {
+  Vec acc[ROWS][DV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < DV; ++u) acc[i][u] = Vec(0.f);
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const float* tile = tiles[t] + col;
+    const float* pt = p + t * rows;
+    for (int64_t l = 0; l < rows; ++l) {
+      Vec x[DV];
+      for (int u = 0; u < DV; ++u) x[u] = Vec::loadu(tile + l * ld + u * VL);
+      for (int i = 0; i < ROWS; ++i) {
+        const Vec pi(pt[i * ldp + l]);
+        for (int u = 0; u < DV; ++u) acc[i][u] = at::vec::fmadd(pi, x[u], acc[i][u]);
+      }
+    }
+  }
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < DV; ++u) acc[i][u].store(c + i * ldc + col + u * VL);
+}
+
+template <int ROWS>
+inline void p_tiles(const float* p, int64_t ldp, const float* const* tiles, int64_t ntiles, int64_t rows, int64_t ld,
+                    int64_t width, float* c, int64_t ldc) {
+  int64_t col = 0;
+  for (; col + 2 * VL <= width; col += 2 * VL) p_tiles_block<ROWS, 2>(p, ldp, tiles, ntiles, rows, ld, col, c, ldc);
+  for (; col < width; col += VL) p_tiles_block<ROWS, 1>(p, ldp, tiles, ntiles, rows, ld, col, c, ldc);
+}
+
+// tile_t[l][0:width] += sum_i p[i][t * rows + l] * x[i][0:width] for every tile t and row l (the transposed
+// product, accumulating into per-key rows); x row stride ldx.
+template <int ROWS, int DV>
+inline void pt_x_block(const float* p, int64_t ldp, const float* x, int64_t ldx, float* const* tiles, int64_t ntiles,
+                       int64_t rows, int64_t ld, int64_t col) {
+  Vec xv[ROWS][DV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < DV; ++u) xv[i][u] = Vec::loadu(x + i * ldx + col + u * VL);
+  for (int64_t t = 0; t < ntiles; ++t) {
+    float* tile = tiles[t] + col;
+    const float* pt = p + t * rows;
+    for (int64_t l = 0; l < rows; ++l) {
+      Vec acc[DV];
+      for (int u = 0; u < DV; ++u) acc[u] = Vec::loadu(tile + l * ld + u * VL);
+      for (int i = 0; i < ROWS; ++i) {
+        const Vec pi(pt[i * ldp + l]);
+        for (int u = 0; u < DV; ++u) acc[u] = at::vec::fmadd(pi, xv[i][u], acc[u]);
+      }
+      for (int u = 0; u < DV; ++u) acc[u].store(tile + l * ld + u * VL);
+    }
+  }
+}
+
+template <int ROWS>
+inline void pt_x(const float* p, int64_t ldp, const float* x, int64_t ldx, float* const* tiles, int64_t ntiles,
+                 int64_t rows, int64_t ld, int64_t width) {
+  int64_t col = 0;
+  for (; col + 2 * VL <= width; col += 2 * VL) pt_x_block<ROWS, 2>(p, ldp, x, ldx, tiles, ntiles, rows, ld, col);
+  for (; col < width; col += VL) pt_x_block<ROWS, 1>(p, ldp, x, ldx, tiles, ntiles, rows, ld, col);
+}
+
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+inline float reduce_max(const float* x, int64_t n) {  // n a multiple of VL
+  Vec m(NEG_INF);
+  for (int64_t j = 0; j < n; j += VL) m = at::vec::maximum(m, Vec::loadu(x + j));
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+}
+
+inline float reduce_sum(Vec s) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tiles: one image's (and head's) keys and values copied once into float32 blocks per region.
+//   K^T tile (d, L): the keys of a region transposed (QK products run along the keys);
+//   row tile (L, d_pad): a region's tokens as rows, zero-padded to whole vectors.
+
+template <typename T>
+void transposed_tile(const View& v, const std::vector<int64_t>& off, int64_t n, int64_t r, int64_t h, int64_t d,
+                     const Geometry& g, float* tmp, float* tile) {
+  const int64_t L = g.kv_tokens;
+  for (int64_t l = 0; l < L; ++l) load_row(at_token<const T>(v, off, n, r * L + l, h), d, tmp + l * d);
+  at::vec::transpose_mxn<float>(tmp, d, tile, L, static_cast<int>(L), static_cast<int>(d));
+}
+
+template <typename T>
+void row_tile(const View& v, const std::vector<int64_t>& off, int64_t n, int64_t r, int64_t h, int64_t d,
+              int64_t d_pad, const Geometry& g, float* tile) {
+  const int64_t L = g.kv_tokens;
+  for (int64_t l = 0; l < L; ++l) {
+    float* row = tile + l * d_pad;
+    load_row(at_token<const T>(v, off, n, r * L + l, h), d, row);
+    for (int64_t c = d; c < d_pad; ++c) row[c] = 0.f;
+  }
+}
+
+// The K^T (or V^T) tiles of a query region's routed regions side by side: buf (d, kpad), for region sizes that are
+// not whole vectors (the products then run on buf instead of on each tile).
+template <int64_t LEN>
+inline void assemble_runs(const float* const* tiles, int64_t ntiles, int64_t d, int64_t len_rt, int64_t kpad,
+                          float* buf) {
+  const int64_t len = LEN ? LEN : len_rt;
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const float* src = tiles[t];
+    float* dst = buf + t * len;
+    for (int64_t c = 0; c < d; ++c) std::memcpy(dst + c * kpad, src + c * len, len * sizeof(float));
+  }
+}
+
+void assemble(const float* const* tiles, int64_t ntiles, int64_t d, int64_t len, int64_t kpad, float* buf) {
+  switch (len) {
+    case 1: assemble_runs<1>(tiles, ntiles, d, len, kpad, buf); break;
+    case 2: assemble_runs<2>(tiles, ntiles, d, len, kpad, buf); break;
+    case 4: assemble_runs<4>(tiles, ntiles, d, len, kpad, buf); break;
+    case 8: assemble_runs<8>(tiles, ntiles, d, len, kpad, buf); break;
+    default: assemble_runs<0>(tiles, ntiles, d, len, kpad, buf); break;
+  }
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = ntiles * len; j < kpad; ++j) buf[c * kpad + j] = 0.f;
+}
+
+// s (ROWS, kpad) = a (ROWS, depth) @ [tiles]^T: the products against every routed key, padding columns included.
+// a: ROWS rows of `depth` values (row stride lda); t_tiles: the routed regions' transposed tiles (depth, L).
+template <int ROWS>
+inline void scores(const Geometry& g, const float* a, int64_t lda, int64_t depth, const float* const* t_tiles,
+                   const float* buf, float* s) {
+  if (g.direct) {
+    for (int64_t t = 0; t < g.topk; ++t)
+      a_bt<ROWS>(a, lda, depth, t_tiles[t], g.kv_tokens, g.kv_tokens, s + t * g.kv_tokens, g.kpad);
+  } else {
+    a_bt<ROWS>(a, lda, depth, buf, g.kpad, g.kpad, s, g.kpad);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& topk_index,
+                    double scale_d, const c10::optional<at::Tensor>& add_to, const at::Tensor& out,
+                    const c10::optional<at::Tensor>& lse) {
+  const Geometry g = make_geometry(q, k, v, topk_index);
+  const float scale = static_cast<float>(scale_d);
+  const View qv = make_view(q), kv = make_view(k), vv = make_view(v), ov = make_view(out);
+  const View av = add_to.has_value() ? make_view(*add_to) : View();
+  const auto q_off = token_offsets(qv, g, g.q_rh, g.q_rw), o_off = token_offsets(ov, g, g.q_rh, g.q_rw);
+  const auto k_off = token_offsets(kv, g, g.kv_rh, g.kv_rw), v_off = token_offsets(vv, g, g.kv_rh, g.kv_rw);
+  const auto a_off = add_to.has_value() ? token_offsets(av, g, g.q_rh, g.q_rw) : std::vector<int64_t>();
+  const int64_t* index = topk_index.data_ptr<int64_t>();
+  float* lse_ptr = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  const int64_t R = g.regions, Lq = g.q_tokens, Lk = g.kv_tokens;
+  const int64_t kt_size = g.dq * Lk, v_size = Lk * g.dv_pad;
+  // one image at a time: its tiles (about (qk_dim + C) floats per token) stay in cache while it is attended to
+  auto tiles = at::empty({g.heads * R * (kt_size + v_size)}, at::kFloat);
+  float* kt_all = tiles.data_ptr<float>();
+  float* v_all = kt_all + g.heads * R * kt_size;
+  for (int64_t n = 0; n < g.batch; ++n) {
+    at::parallel_for(0, g.heads * R, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> tmp(Lk * g.dq);
+      for (int64_t hr = begin; hr < end; ++hr) {
+        const int64_t h = hr / R, r = hr % R;
+        transposed_tile<T>(kv, k_off, n, r, h, g.dq, g, tmp.data(), kt_all + hr * kt_size);
+        row_tile<T>(vv, v_off, n, r, h, g.dv, g.dv_pad, g, v_all + hr * v_size);
+      }
+    });
+    at::parallel_for(0, R * g.heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(g.direct ? 0 : g.dq * g.kpad), s(MQ * g.kpad), a(MQ * g.dq), o(MQ * g.dv_pad);
+      std::vector<const float*> kt_tiles(g.topk), v_tiles(g.topk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / g.heads, h = task % g.heads;
+        for (int64_t t = 0; t < g.topk; ++t) {
+          const int64_t routed = index[(n * R + r) * g.topk + t];
+          kt_tiles[t] = kt_all + (h * R + routed) * kt_size;
+          v_tiles[t] = v_all + (h * R + routed) * v_size;
+        }
+        if (!g.direct) assemble(kt_tiles.data(), g.topk, g.dq, Lk, g.kpad, buf.data());
+        for (int64_t i0 = 0; i0 < Lq; i0 += MQ) {
+          const int64_t rows = std::min<int64_t>(MQ, Lq - i0);
+          for (int64_t i = 0; i < rows; ++i) {
+            const T* qp = at_token<const T>(qv, q_off, n, r * Lq + i0 + i, h);
+            for (int64_t c = 0; c < g.dq; ++c) a[i * g.dq + c] = to_float(qp[c]) * scale;
+          }
+          float inv[MQ];
+          with_rows(rows, [&](auto rows_c) {
+            constexpr int ROWS = decltype(rows_c)::value;
+            scores<ROWS>(g, a.data(), g.dq, g.dq, kt_tiles.data(), buf.data(), s.data());
+            for (int i = 0; i < ROWS; ++i) {
+              float* row = s.data() + i * g.kpad;
+              for (int64_t j = g.keys; j < g.kpad; ++j) row[j] = NEG_INF;
+              const float m = reduce_max(row, g.kpad);
+              const Vec mv(m);
+              Vec sum(0.f);
+              for (int64_t j = 0; j < g.kpad; j += VL) {
+                const Vec e = (Vec::loadu(row + j) - mv).exp_u20();
+                e.store(row + j);
+                sum = sum + e;
+              }
+              const float total = reduce_sum(sum);
+              inv[i] = 1.f / total;
+              if (lse_ptr) lse_ptr[((n * g.heads + h) * R + r) * Lq + i0 + i] = m + std::log(total);
+            }
+            p_tiles<ROWS>(s.data(), g.kpad, v_tiles.data(), g.topk, Lk, g.dv_pad, g.dv_pad, o.data(), g.dv_pad);
+          });
+          for (int64_t i = 0; i < rows; ++i) {
+            T* op = at_token<T>(ov, o_off, n, r * Lq + i0 + i, h);
+            const float* oi = o.data() + i * g.dv_pad;
+            if (add_to.has_value()) {
+              const T* ap = at_token<const T>(av, a_off, n, r * Lq + i0 + i, h);
+              for (int64_t c = 0; c < g.dv; ++c) op[c] = static_cast<T>(oi[c] * inv[i] + to_float(ap[c]));
+            } else {
+              for (int64_t c = 0; c < g.dv; ++c) op[c] = static_cast<T>(oi[c] * inv[i]);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward: per (image, head), every query region in order; dK and dV summed in float32 per key token.
+
+template <typename T>
+void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& topk_index,
+                     const at::Tensor& lse, const at::Tensor& grad_out, double scale_d, const at::Tensor& grad_q,
+                     const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  const Geometry g = make_geometry(q, k, v, topk_index);
+  const float scale = static_cast<float>(scale_d);
+  const View qv = make_view(q), kv = make_view(k), vv = make_view(v), gov = make_view(grad_out);
+  const View gqv = make_view(grad_q), gkv = make_view(grad_k), gvv = make_view(grad_v);
+  const auto q_off = token_offsets(qv, g, g.q_rh, g.q_rw), go_off = token_offsets(gov, g, g.q_rh, g.q_rw);
+  const auto gq_off = token_offsets(gqv, g, g.q_rh, g.q_rw);
+  const auto k_off = token_offsets(kv, g, g.kv_rh, g.kv_rw), v_off = token_offsets(vv, g, g.kv_rh, g.kv_rw);
+  const auto gk_off = token_offsets(gkv, g, g.kv_rh, g.kv_rw), gv_off = token_offsets(gvv, g, g.kv_rh, g.kv_rw);
+  const int64_t* index = topk_index.data_ptr<int64_t>();
+  const float* lse_ptr = lse.data_ptr<float>();
+  const int64_t R = g.regions, Lq = g.q_tokens, Lk = g.kv_tokens;
+  const int64_t kt_size = g.dq * Lk, kr_size = Lk * g.dq_pad, vt_size = g.dv * Lk, dv_size = Lk * g.dv_pad;
+  at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt_all(R * kt_size), kr_all(R * kr_size), vt_all(R * vt_size);
+    std::vector<float> dk_all(R * kr_size), dv_all(R * dv_size), tmp(Lk * std::max(g.dq, g.dv));
+    std::vector<float> kbuf(g.direct ? 0 : g.dq * g.kpad), vbuf(g.direct ? 0 : g.dv * g.kpad);
+    // a: the scaled queries, go: the output gradient, as rows padded with zeros to whole vectors
+    std::vector<float> p(MQ * g.kpad), dp(MQ * g.kpad), a(MQ * g.dq_pad, 0.f), go(MQ * g.dv_pad, 0.f);
+    std::vector<float> dq(MQ * g.dq_pad);
+    std::vector<const float*> kt_tiles(g.topk), kr_tiles(g.topk), vt_tiles(g.topk);
+    std::vector<float*> dk_tiles(g.topk), dv_tiles(g.topk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.heads, h = task % g.heads;
+      for (int64_t r = 0; r < R; ++r) {
+        transposed_tile<T>(kv, k_off, n, r, h, g.dq, g, tmp.data(), kt_all.data() + r * kt_size);
+        row_tile<T>(kv, k_off, n, r, h, g.dq, g.dq_pad, g, kr_all.data() + r * kr_size);
+        transposed_tile<T>(vv, v_off, n, r, h, g.dv, g, tmp.data(), vt_all.data() + r * vt_size);
+      }
+      std::fill(dk_all.begin(), dk_all.end(), 0.f);
+      std::fill(dv_all.begin(), dv_all.end(), 0.f);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t t = 0; t < g.topk; ++t) {
+          const int64_t routed = index[(n * R + r) * g.topk + t];
+          kt_tiles[t] = kt_all.data() + routed * kt_size;
+          kr_tiles[t] = kr_all.data() + routed * kr_size;
+          vt_tiles[t] = vt_all.data() + routed * vt_size;
+          dk_tiles[t] = dk_all.data() + routed * kr_size;
+          dv_tiles[t] = dv_all.data() + routed * dv_size;
+        }
+        if (!g.direct) {
+          assemble(kt_tiles.data(), g.topk, g.dq, Lk, g.kpad, kbuf.data());
+          assemble(vt_tiles.data(), g.topk, g.dv, Lk, g.kpad, vbuf.data());
+        }
+        for (int64_t i0 = 0; i0 < Lq; i0 += MQ) {
+          const int64_t rows = std::min<int64_t>(MQ, Lq - i0);
+          for (int64_t i = 0; i < rows; ++i) {
+            const T* qp = at_token<const T>(qv, q_off, n, r * Lq + i0 + i, h);
+            for (int64_t c = 0; c < g.dq; ++c) a[i * g.dq_pad + c] = to_float(qp[c]) * scale;
+            load_row(at_token<const T>(gov, go_off, n, r * Lq + i0 + i, h), g.dv, go.data() + i * g.dv_pad);
+          }
+          with_rows(rows, [&](auto rows_c) {
+            constexpr int ROWS = decltype(rows_c)::value;
+            scores<ROWS>(g, a.data(), g.dq_pad, g.dq, kt_tiles.data(), kbuf.data(), p.data());  // S
+            scores<ROWS>(g, go.data(), g.dv_pad, g.dv, vt_tiles.data(), vbuf.data(), dp.data());  // dP = dO V^T
+            for (int i = 0; i < ROWS; ++i) {
+              float* pi = p.data() + i * g.kpad;
+              float* dpi = dp.data() + i * g.kpad;
+              const Vec m(lse_ptr[((n * g.heads + h) * R + r) * Lq + i0 + i]);
+              for (int64_t j = 0; j < g.kpad; j += VL) (Vec::loadu(pi + j) - m).exp_u20().store(pi + j);
+              for (int64_t j = g.keys; j < g.kpad; ++j) pi[j] = 0.f;  // padding columns: no probability
+              Vec dsum(0.f);
+              for (int64_t j = 0; j < g.kpad; j += VL) dsum = at::vec::fmadd(Vec::loadu(pi + j), Vec::loadu(dpi + j), dsum);
+              const Vec d(reduce_sum(dsum));  // D = rowsum(P * dP) = rowsum(dO * O)
+              for (int64_t j = 0; j < g.kpad; j += VL)
+                (Vec::loadu(pi + j) * (Vec::loadu(dpi + j) - d)).store(dpi + j);  // dS = P * (dP - D)
+            }
+            p_tiles<ROWS>(dp.data(), g.kpad, kr_tiles.data(), g.topk, Lk, g.dq_pad, g.dq_pad, dq.data(), g.dq_pad);
+            pt_x<ROWS>(p.data(), g.kpad, go.data(), g.dv_pad, dv_tiles.data(), g.topk, Lk, g.dv_pad, g.dv_pad);
+            pt_x<ROWS>(dp.data(), g.kpad, a.data(), g.dq_pad, dk_tiles.data(), g.topk, Lk, g.dq_pad, g.dq_pad);
+          });
+          for (int64_t i = 0; i < rows; ++i) {
+            T* gq = at_token<T>(gqv, gq_off, n, r * Lq + i0 + i, h);
+            const float* dqi = dq.data() + i * g.dq_pad;
+            for (int64_t c = 0; c < g.dq; ++c) gq[c] = static_cast<T>(dqi[c] * scale);
+          }
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t l = 0; l < Lk; ++l) {
+          T* gk = at_token<T>(gkv, gk_off, n, r * Lk + l, h);
+          T* gv = at_token<T>(gvv, gv_off, n, r * Lk + l, h);
+          const float* dki = dk_all.data() + r * kr_size + l * g.dq_pad;
+          const float* dvi = dv_all.data() + r * dv_size + l * g.dv_pad;
+          for (int64_t c = 0; c < g.dq; ++c) gk[c] = static_cast<T>(dki[c]);
+          for (int64_t c = 0; c < g.dv; ++c) gv[c] = static_cast<T>(dvi[c]);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Region means (the routing's region-level q and k).
+
+template <typename T>
+void region_means_kernel(const at::Tensor& x, const at::Tensor& out) {
+  const int64_t N = x.size(0), gh = x.size(1), gw = x.size(2), rh = x.size(3), rw = x.size(4);
+  const int64_t groups = x.size(5), d = x.size(6), channels = groups * d, R = gh * gw;
+  const View xv = make_view(x);
+  T* o = out.data_ptr<T>();
+  const float inv = 1.f / static_cast<float>(rh * rw);
+  at::parallel_for(0, N * R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(channels);
+    for (int64_t nr = begin; nr < end; ++nr) {
+      const int64_t n = nr / R, r = nr % R, gy = r / gw, gx = r % gw;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t ly = 0; ly < rh; ++ly)
+        for (int64_t lx = 0; lx < rw; ++lx) {
+          const T* token = reinterpret_cast<const T*>(xv.base) + n * xv.stride[0] + gy * xv.stride[1] +
+                           gx * xv.stride[2] + ly * xv.stride[3] + lx * xv.stride[4];
+          for (int64_t gi = 0; gi < groups; ++gi) {
+            const T* src = token + gi * xv.stride[5];
+            float* dst = acc.data() + gi * d;
+            for (int64_t c = 0; c < d; ++c) dst[c] += to_float(src[c]);
+          }
+        }
+      for (int64_t c = 0; c < channels; ++c) o[nr * channels + c] = static_cast<T>(acc[c] * inv);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Entry points. The Python side checks shapes, dtypes and devices before calling; these check what would make a
+// kernel read or write out of bounds.
+
+void check_view(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 7, name, ": expected a 7-D view (N, grid_h, grid_w, region_h, region_w, heads, d), got ",
+              t.dim(), " dimensions");
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
+  TORCH_CHECK(t.stride(6) == 1, name, ": expected a contiguous last axis");
+}
+
+// b has a's (N, grid_h, grid_w, heads); with same_regions also a's (region_h, region_w).
+void check_same_grid(const at::Tensor& a, const at::Tensor& b, const char* name, bool same_regions) {
+  for (int i : {0, 1, 2, 5}) TORCH_CHECK(a.size(i) == b.size(i), name, ": expected (N, grid_h, grid_w, heads) ", a.sizes());
+  if (same_regions)
+    TORCH_CHECK(a.size(3) == b.size(3) && a.size(4) == b.size(4), name, ": expected regions of ", a.size(3), " x ",
+                a.size(4), " tokens, got ", b.size(3), " x ", b.size(4));
+}
+
+void check_index(const at::Tensor& q, const at::Tensor& topk_index) {
+  TORCH_CHECK(topk_index.scalar_type() == at::kLong && topk_index.is_contiguous() && topk_index.dim() == 3,
+              "topk_index: expected a contiguous int64 (N, R, topk) tensor");
+  TORCH_CHECK(topk_index.size(0) == q.size(0) && topk_index.size(1) == q.size(1) * q.size(2),
+              "topk_index: expected (N, R, topk) for the query's N and R");
+  const int64_t R = q.size(1) * q.size(2);
+  const int64_t* p = topk_index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < topk_index.numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < R, "topk_index: expected values in [0, ", R, "), got ", p[i]);
+}
+
+void routed_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& topk_index, double scale, const c10::optional<at::Tensor>& add_to,
+                              const at::Tensor& out, const c10::optional<at::Tensor>& lse) {
+  check_view(q, "query");
+  check_view(k, "key");
+  check_view(v, "value");
+  check_view(out, "out");
+  check_same_grid(q, k, "key", false);
+  check_same_grid(k, v, "value", true);
+  check_same_grid(q, out, "out", true);
+  TORCH_CHECK(k.size(6) == q.size(6) && out.size(6) == v.size(6), "key/out: head sizes do not match");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+              out.scalar_type() == q.scalar_type(), "query, key, value, out: expected one dtype");
+  if (add_to.has_value()) {
+    check_view(*add_to, "add_to");
+    check_same_grid(q, *add_to, "add_to", true);
+    TORCH_CHECK(add_to->size(6) == v.size(6) && add_to->scalar_type() == q.scalar_type(), "add_to: expected out's shape and dtype");
+  }
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->is_contiguous() &&
+                lse->numel() == q.size(0) * q.size(5) * q.size(1) * q.size(2) * q.size(3) * q.size(4),
+                "lse: expected a contiguous float32 (N, heads, R, L) tensor");
+  }
+  check_index(q, topk_index);
+  if (q.scalar_type() == at::kFloat) {
+    forward_kernel<float>(q, k, v, topk_index, scale, add_to, out, lse);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "query: expected float32 or bfloat16, got ", q.scalar_type());
+    forward_kernel<c10::BFloat16>(q, k, v, topk_index, scale, add_to, out, lse);
+  }
+}
+
+void routed_attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& topk_index, const at::Tensor& lse, const at::Tensor& grad_out,
+                               double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                               const at::Tensor& grad_v) {
+  const char* names[] = {"query", "key", "value", "grad_out", "grad_query", "grad_key", "grad_value"};
+  const at::Tensor* views[] = {&q, &k, &v, &grad_out, &grad_q, &grad_k, &grad_v};
+  for (int i = 0; i < 7; ++i) {
+    check_view(*views[i], names[i]);
+    const bool key_shaped = i == 1 || i == 2 || i == 5 || i == 6;
+    check_same_grid(key_shaped ? k : q, *views[i], names[i], true);
+    TORCH_CHECK(views[i]->scalar_type() == q.scalar_type(), names[i], ": expected the query's dtype");
+  }
+  check_same_grid(q, k, "key", false);
+  TORCH_CHECK(k.size(6) == q.size(6) && grad_q.size(6) == q.size(6) && grad_k.size(6) == q.size(6) &&
+              grad_out.size(6) == v.size(6) && grad_v.size(6) == v.size(6), "head sizes do not match");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+              lse.numel() == q.size(0) * q.size(5) * q.size(1) * q.size(2) * q.size(3) * q.size(4),
+              "lse: expected a contiguous float32 (N, heads, R, L) tensor");
+  check_index(q, topk_index);
+  if (q.scalar_type() == at::kFloat) {
+    backward_kernel<float>(q, k, v, topk_index, lse, grad_out, scale, grad_q, grad_k, grad_v);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "query: expected float32 or bfloat16, got ", q.scalar_type());
+    backward_kernel<c10::BFloat16>(q, k, v, topk_index, lse, grad_out, scale, grad_q, grad_k, grad_v);
+  }
+}
+
+at::Tensor region_means(const at::Tensor& x) {
+  check_view(x, "x");
+  auto out = at::empty({x.size(0), x.size(1) * x.size(2), x.size(5) * x.size(6)}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    region_means_kernel<float>(x, out);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x: expected float32 or bfloat16, got ", x.scalar_type());
+    region_means_kernel<c10::BFloat16>(x, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(biformer_cpu, m) {
+  m.def("routed_attention_forward(Tensor query, Tensor key, Tensor value, Tensor topk_index, float scale, "
+        "Tensor? add_to, Tensor(a!) out, Tensor(b!)? lse) -> ()");
+  m.def("routed_attention_backward(Tensor query, Tensor key, Tensor value, Tensor topk_index, Tensor lse, "
+        "Tensor grad_out, float scale, Tensor(a!) grad_query, Tensor(b!) grad_key, Tensor(c!) grad_value) -> ()");
+  m.def("region_means(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(biformer_cpu, CPU, m) {
+  m.impl("routed_attention_forward", &routed_attention_forward);
+  m.impl("routed_attention_backward", &routed_attention_backward);
+  m.impl("region_means", &region_means);
+}

@@ -1,0 +1,279 @@
+"""The fused CPU kernels (``cpu_fused``, :mod:`biformer.ops.cpu_kernels`) against float64 formulations: forward and
+backward, float32 and bfloat16, every layout they read, the BRA layer's fused path, and their fallbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from biformer import BiLevelRoutingAttention
+from biformer.ops import attention_backend, select_backend
+from biformer.ops import cpu_kernels as kernels
+from biformer.ops.backends import get_backend, registry
+from biformer.ops.backends.cpu_fused import cpu_fused_attention, kernels_run
+from biformer.ops.functional import routed_attention_heads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """The kernels, built once for this module (skipped where the machine has no C++ compiler or ninja)."""
+    reason = kernels.missing_tools()
+    if reason is not None:
+        pytest.skip(f"the fused CPU kernels cannot be built here: {reason}")
+    assert kernels.kernels_available(), "the kernels did not build although the tools are there"
+
+
+def plain_heads(query, key, value, topk_index, scale):
+    """Routed attention on head-major tensors, a loop in float64."""
+    heads, batch, regions, q_len, _ = query.shape
+    out = torch.empty(heads, batch, regions, q_len, value.shape[-1], dtype=torch.float64)
+    for n in range(batch):
+        for r in range(regions):
+            routed = topk_index[n, r]
+            k = key[:, n, routed].flatten(1, 2).double()  # (heads, topk * L, d)
+            v = value[:, n, routed].flatten(1, 2).double()
+            weights = torch.softmax(query[:, n, r].double() * scale @ k.transpose(1, 2), dim=-1)
+            out[:, n, r] = weights @ v
+    return out
+
+
+def random_routing(batch, regions, topk):
+    return torch.stack([torch.stack([torch.randperm(regions)[:topk] for _ in range(regions)])
+                        for _ in range(batch)])
+
+
+# heads, batch, regions, tokens, qk head size, v head size, topk
+SHAPES = [
+    (2, 2, 49, 64, 32, 32, 1),  # biformer's stage 1 at 224 px: regions of whole vectors (the direct path)
+    (4, 1, 49, 16, 32, 32, 4),  # stage 2
+    (8, 2, 49, 4, 32, 32, 16),  # stage 3: regions smaller than a vector (the assembled path)
+    (3, 2, 6, 5, 7, 9, 3),  # odd sizes everywhere, qk and v head sizes differ
+    (1, 1, 4, 1, 3, 17, 4),  # one token per region, every region routed
+    (2, 3, 9, 36, 20, 33, 2),
+]
+# float32: float rounding; bfloat16: the inputs rounded to bfloat16, float32 arithmetic, the result rounded once
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_float64(shape, dtype):
+    heads, batch, regions, tokens, d_qk, d_v, topk = shape
+    query, key = (torch.randn(heads, batch, regions, tokens, d_qk).to(dtype) for _ in range(2))
+    value = torch.randn(heads, batch, regions, tokens, d_v).to(dtype)
+    topk_index = random_routing(batch, regions, topk)
+    grad = torch.randn(heads, batch, regions, tokens, d_v).to(dtype)
+    inputs = [t.requires_grad_() for t in (query, key, value)]
+    out = cpu_fused_attention(*inputs, topk_index, scale=0.3)
+    out.backward(grad)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    expected = plain_heads(*exact, topk_index, 0.3)
+    expected.backward(grad.double())
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
+    for actual, reference in zip(inputs, exact):
+        assert actual.grad.dtype == dtype
+        torch.testing.assert_close(actual.grad.double(), reference.grad, **TOLERANCE[dtype])
+
+
+def test_keys_never_routed_get_zero_gradients_and_the_backward_is_deterministic():
+    query, key, value = (torch.randn(2, 1, 9, 4, 8, requires_grad=True) for _ in range(3))
+    topk_index = torch.tensor([[[0, 1]] * 9])  # only regions 0 and 1 are ever routed
+    grads = []
+    for _ in range(2):
+        out = cpu_fused_attention(query, key, value, topk_index, scale=0.5)
+        grads.append(torch.autograd.grad(out.square().sum(), (query, key, value)))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)  # bit-identical: fixed summation order, no atomics
+    assert grads[0][1][:, :, 2:].abs().sum() == 0 and grads[0][2][:, :, 2:].abs().sum() == 0
+    assert grads[0][1][:, :, :2].abs().sum() > 0
+
+
+def test_routed_attention_heads_runs_the_kernels_on_strided_inputs():
+    qkv = torch.randn(3, 2, 2, 9, 4, 8)[:, :, :, :, :, :6]  # non-contiguous last-axis slices of a larger tensor
+    query, key, value = qkv[0], qkv[1], qkv[2]
+    topk_index = random_routing(2, 9, 3)
+    actual = routed_attention_heads(query, key, value, topk_index, scale=0.4, backend="cpu_fused")
+    torch.testing.assert_close(actual.double(), plain_heads(query, key, value, topk_index, 0.4), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_entry_adds_the_map_and_writes_the_log_sum_exp(dtype):
+    batch, height, width, heads, head_dim, grid = 2, 8, 12, 2, 8, (2, 3)
+    qkv = torch.randn(batch, height, width, 3 * heads * head_dim).to(dtype)
+    add_to = torch.randn(batch, height, width, heads * head_dim).to(dtype)
+    topk_index = random_routing(batch, 6, 2)
+    parts = kernels._image_parts(qkv, *grid, heads, heads * head_dim)
+    out = torch.empty_like(add_to)
+    lse = torch.empty(batch, heads, 6, 16)
+    torch.ops.biformer_cpu.routed_attention_forward(
+        *parts, topk_index, 0.25, kernels.image_view(add_to, *grid, heads), kernels.image_view(out, *grid, heads), lse
+    )
+    # the same in float64 through the head-major layout
+    query, key, value = (p.permute(5, 0, 1, 2, 3, 4, 6).flatten(2, 3).flatten(3, 4).double() for p in parts)
+    expected = plain_heads(query, key, value, topk_index, 0.25)  # (heads, N, R, L, d)
+    expected_image = expected.view(heads, batch, *grid, 4, 4, head_dim).permute(1, 2, 4, 3, 5, 0, 6)
+    expected_image = expected_image.reshape(batch, height, width, heads * head_dim) + add_to.double()
+    torch.testing.assert_close(out.double(), expected_image, **TOLERANCE[dtype])
+    scores = torch.einsum("hnrld,hnrkd->hnrlk", query, torch.stack(
+        [key[:, n, topk_index[n]].flatten(2, 3) for n in range(batch)], dim=1)) * 0.25
+    expected_lse = scores.logsumexp(-1).permute(1, 0, 2, 3)  # (N, heads, R, L)
+    torch.testing.assert_close(lse.double(), expected_lse, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_region_means_match_torch(dtype):
+    x = torch.randn(2, 14, 21, 40).to(dtype)
+    means = kernels.region_means(x[..., 8:], 7, 7)  # a channel slice
+    expected = x[..., 8:].double().view(2, 7, 2, 7, 3, 32).mean((2, 4)).reshape(2, 49, 32)
+    assert means.shape == (2, 49, 32) and means.dtype == dtype
+    torch.testing.assert_close(means.double(), expected, **TOLERANCE[dtype])
+
+
+# --- the BRA layer ---------------------------------------------------------------------------------------------
+LAYER_CASES = [
+    dict(dim=64, num_heads=2, n_win=7, topk=1, size=(56, 56)),  # biformer's stage 1 shape
+    dict(dim=64, num_heads=2, n_win=7, topk=16, size=(14, 14)),  # stage 3's region size
+    dict(dim=48, num_heads=3, n_win=3, topk=4, size=(10, 13), qk_dim=24),  # auto_pad, qk_dim != dim
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_matches_the_reference_backend_forward_and_backward(case):
+    case = dict(case)
+    height, width = case.pop("size")
+    layer = BiLevelRoutingAttention(**case, side_dwconv=5, auto_pad=True).double()
+    x = torch.randn(2, height, width, case["dim"], dtype=torch.float64)
+    layer.backend = "reference"
+    x_ref = x.clone().requires_grad_()
+    expected, expected_index = layer(x_ref, return_routing=True)
+    expected.square().sum().backward()
+    expected_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer.float().backend = "cpu_fused"
+    x_fused = x.float().requires_grad_()
+    actual, index = layer(x_fused, return_routing=True)
+    assert layer.backend_for(x_fused) == "cpu_fused"
+    assert torch.equal(index.sort(-1).values, expected_index.sort(-1).values)
+    torch.testing.assert_close(actual.double(), expected, atol=1e-4, rtol=1e-4)
+    actual.square().sum().backward()
+    torch.testing.assert_close(x_fused.grad.double(), x_ref.grad, atol=1e-4, rtol=1e-4)
+    for param, grad in zip(layer.parameters(), expected_grads):
+        torch.testing.assert_close(param.grad.double(), grad, atol=2e-4, rtol=1e-4)
+
+
+def test_layer_under_bf16_autocast_is_as_close_to_float64_as_the_gather_backend():
+    layer = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4, side_dwconv=5)
+    x = torch.randn(2, 28, 28, 64)
+    errors = {}
+    with torch.no_grad():
+        expected = layer.double()(x.double())
+        layer.float()
+        for backend in ("gather", "cpu_fused"):
+            layer.backend = backend
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                actual = layer(x)
+            assert actual.dtype == torch.bfloat16
+            errors[backend] = ((actual.double() - expected).norm() / expected.norm()).item()
+    # the projections' bf16 rounding dominates; the kernels' float32 arithmetic adds none of its own
+    assert errors["cpu_fused"] < 0.03 and errors["cpu_fused"] <= 1.05 * errors["gather"], errors
+
+
+def test_auto_takes_the_kernels_on_cpu_in_float32_and_bfloat16_not_float64():
+    sizes = dict(num_regions=49, topk=4, tokens_per_region=16, device=torch.device("cpu"))
+    for grad in (False, True):
+        assert select_backend(**sizes, needs_grad=grad, dtype=torch.float32) == "cpu_fused"
+        assert select_backend(**sizes, needs_grad=grad, dtype=torch.bfloat16) == "cpu_fused"
+        assert select_backend(**sizes, needs_grad=grad, dtype=torch.float64) == "gather"
+        assert select_backend(**dict(sizes, device=torch.device("meta")), needs_grad=grad) != "cpu_fused"
+    layer = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4)
+    assert layer.backend_for(torch.randn(1, 28, 28, 64)) == "cpu_fused"
+
+
+# --- where the kernels do not run ------------------------------------------------------------------------------
+def test_float64_and_other_devices_compute_the_same_function_with_gather():
+    query, key, value = (torch.randn(2, 1, 9, 4, 8, dtype=torch.float64) for _ in range(3))
+    topk_index = random_routing(1, 9, 3)
+    assert not kernels_run(query, key, value)
+    assert not kernels_run(query.float(), key.float(), value)  # mixed dtypes
+    actual = cpu_fused_attention(query, key, value, topk_index, scale=0.5)
+    torch.testing.assert_close(actual, plain_heads(query, key, value, topk_index, 0.5))
+    with attention_backend("cpu_fused"):  # the layer takes the head-major path with the fallback
+        layer = BiLevelRoutingAttention(16, num_heads=2, n_win=2, topk=2).double()
+        x = torch.randn(1, 4, 4, 16, dtype=torch.float64)
+        layer.backend = "reference"
+        expected = layer(x)
+        layer.backend = None
+        torch.testing.assert_close(layer(x), expected)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "0")
+    assert not kernels.kernels_available()
+    sizes = dict(num_regions=49, topk=4, tokens_per_region=16, device=torch.device("cpu"), needs_grad=False)
+    assert select_backend(**sizes, dtype=torch.float32) == "gather"
+    query = torch.randn(1, 1, 4, 4, 8)
+    assert not kernels_run(query)
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "1")
+    assert kernels.kernels_available()
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "")
+    assert kernels.kernels_setting() is None
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "off", "true"])
+def test_a_bad_setting_is_one_line_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(kernels.ENV_VARIABLE, value)
+    with pytest.raises(ValueError, match=rf"^BIFORMER_CPU_KERNELS: expected 0, 1 or unset, got '{value}'$"):
+        kernels.kernels_available()
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(kernels, "_load_once", lambda: "no C++ compiler ('nope' is not on PATH)")
+    kernels._warn_once.cache_clear()
+    monkeypatch.delenv(kernels.ENV_VARIABLE, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not kernels.kernels_available()
+        assert not kernels.kernels_available()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert messages[0].startswith("biformer: the fused CPU attention kernels could not be built (no C++ compiler")
+    sizes = dict(num_regions=49, topk=16, tokens_per_region=4, device=torch.device("cpu"), needs_grad=False)
+    assert select_backend(**sizes, dtype=torch.float32) == "dense"
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "1")
+    with pytest.raises(RuntimeError, match=r"^BIFORMER_CPU_KERNELS=1: the fused CPU kernels could not be built: no"):
+        kernels.kernels_available()
+    kernels._warn_once.cache_clear()
+
+
+def test_missing_tools_are_named(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert kernels.missing_tools() == "no C++ compiler ('no-such-compiler-here' is not on PATH; set CXX or install g++)"
+
+
+def test_auto_skips_the_kernels_while_compiling(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    sizes = dict(num_regions=49, topk=16, tokens_per_region=4, device=torch.device("cpu"), needs_grad=False)
+    assert select_backend(**sizes, dtype=torch.float32) == "dense"
+
+
+def test_the_kernels_refuse_out_of_range_indices():
+    query = torch.randn(1, 1, 4, 4, 8)
+    view = kernels.heads_view(query)
+    out = torch.empty_like(query)
+    with pytest.raises(RuntimeError, match=r"topk_index: expected values in \[0, 4\), got 4"):
+        torch.ops.biformer_cpu.routed_attention_forward(
+            view, view, view, torch.tensor([[[4], [0], [1], [2]]]), 1.0, None, kernels.heads_view(out), None
+        )
+
+
+def test_registered_flags():
+    backend = get_backend("cpu_fused")
+    assert backend.devices == ("cpu",) and backend.dtypes == (torch.float32, torch.bfloat16)
+    assert backend.auto and backend.gradients and backend.image_function is not None
+    off = dataclasses.replace(backend, available=lambda: False)
+    assert not off.admits(num_regions=49, topk=4, tokens_per_region=16, device=torch.device("cpu"), needs_grad=False)
+    assert registry._BACKENDS["cpu_fused"] is backend
