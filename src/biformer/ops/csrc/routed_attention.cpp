@@ -228,14 +228,74 @@ inline void with_rows(int64_t rows, F&& f) {
   }
 }
 
-inline float reduce_max(const float* x, int64_t n) {  // n a multiple of VL
-  Vec m(NEG_INF);
-  for (int64_t j = 0; j < n; j += VL) m = at::vec::maximum(m, Vec::loadu(x + j));
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
-}
-
 inline float reduce_sum(Vec s) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s);
+}
+
+// In-place softmax of ROWS score rows (row stride ld, n columns, a multiple of VL; columns at or after `valid`
+// are padding): the rows' reductions interleaved so that their dependency chains overlap. Returns each row's
+// maximum and sum of exponentials (the log-sum-exp is m + log(sum)).
+template <int ROWS>
+inline void softmax_rows(float* s, int64_t ld, int64_t n, int64_t valid, float* m, float* sum) {
+  for (int i = 0; i < ROWS; ++i)
+    for (int64_t j = valid; j < n; ++j) s[i * ld + j] = NEG_INF;
+  Vec mv[ROWS];
+  for (int i = 0; i < ROWS; ++i) mv[i] = Vec(NEG_INF);
+  for (int64_t j = 0; j < n; j += VL)
+    for (int i = 0; i < ROWS; ++i) mv[i] = at::vec::maximum(mv[i], Vec::loadu(s + i * ld + j));
+  Vec sv[ROWS];
+  for (int i = 0; i < ROWS; ++i) {
+    m[i] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mv[i]);
+    mv[i] = Vec(m[i]);
+    sv[i] = Vec(0.f);
+  }
+  for (int64_t j = 0; j < n; j += VL)
+    for (int i = 0; i < ROWS; ++i) {
+      const Vec e = (Vec::loadu(s + i * ld + j) - mv[i]).exp_u20();
+      e.store(s + i * ld + j);
+      sv[i] = sv[i] + e;
+    }
+  for (int i = 0; i < ROWS; ++i) sum[i] = reduce_sum(sv[i]);
+}
+
+// dst[0:n] = src[0:n] * scale (+ add[0:n]), rounded once to T.
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n, float scale, const T* add) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec sv(scale);
+    int64_t c = 0;
+    for (; c + VL <= n; c += VL) {
+      Vec x = Vec::loadu(src + c) * sv;
+      if (add) x = x + Vec::loadu(add + c);
+      x.store(dst + c);
+    }
+    for (; c < n; ++c) dst[c] = src[c] * scale + (add ? add[c] : 0.f);
+  } else {
+    if (add) {
+      for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c] * scale + to_float(add[c]));
+    } else {
+      for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c] * scale);
+    }
+  }
+}
+
+// dst[0:n] = src[0:n] * scale in float32.
+template <typename T>
+inline void load_scaled(const T* src, int64_t n, float scale, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec sv(scale);
+    int64_t c = 0;
+    for (; c + VL <= n; c += VL) (Vec::loadu(src + c) * sv).store(dst + c);
+    for (; c < n; ++c) dst[c] = src[c] * scale;
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = to_float(src[c]) * scale;
+  }
+}
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(c + b);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -344,40 +404,22 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         if (!g.direct) assemble(kt_tiles.data(), g.topk, g.dq, Lk, g.kpad, buf.data());
         for (int64_t i0 = 0; i0 < Lq; i0 += MQ) {
           const int64_t rows = std::min<int64_t>(MQ, Lq - i0);
-          for (int64_t i = 0; i < rows; ++i) {
-            const T* qp = at_token<const T>(qv, q_off, n, r * Lq + i0 + i, h);
-            for (int64_t c = 0; c < g.dq; ++c) a[i * g.dq + c] = to_float(qp[c]) * scale;
-          }
-          float inv[MQ];
+          for (int64_t i = 0; i < rows; ++i)
+            load_scaled(at_token<const T>(qv, q_off, n, r * Lq + i0 + i, h), g.dq, scale, a.data() + i * g.dq);
+          for (int64_t i = i0 + MQ; i < std::min<int64_t>(i0 + 2 * MQ, Lq); ++i)  // the next block's queries
+            prefetch_row(at_token<const T>(qv, q_off, n, r * Lq + i, h), g.dq);
+          float m[MQ], total[MQ];
           with_rows(rows, [&](auto rows_c) {
             constexpr int ROWS = decltype(rows_c)::value;
             scores<ROWS>(g, a.data(), g.dq, g.dq, kt_tiles.data(), buf.data(), s.data());
-            for (int i = 0; i < ROWS; ++i) {
-              float* row = s.data() + i * g.kpad;
-              for (int64_t j = g.keys; j < g.kpad; ++j) row[j] = NEG_INF;
-              const float m = reduce_max(row, g.kpad);
-              const Vec mv(m);
-              Vec sum(0.f);
-              for (int64_t j = 0; j < g.kpad; j += VL) {
-                const Vec e = (Vec::loadu(row + j) - mv).exp_u20();
-                e.store(row + j);
-                sum = sum + e;
-              }
-              const float total = reduce_sum(sum);
-              inv[i] = 1.f / total;
-              if (lse_ptr) lse_ptr[((n * g.heads + h) * R + r) * Lq + i0 + i] = m + std::log(total);
-            }
+            softmax_rows<ROWS>(s.data(), g.kpad, g.kpad, g.keys, m, total);
             p_tiles<ROWS>(s.data(), g.kpad, v_tiles.data(), g.topk, Lk, g.dv_pad, g.dv_pad, o.data(), g.dv_pad);
           });
           for (int64_t i = 0; i < rows; ++i) {
-            T* op = at_token<T>(ov, o_off, n, r * Lq + i0 + i, h);
-            const float* oi = o.data() + i * g.dv_pad;
-            if (add_to.has_value()) {
-              const T* ap = at_token<const T>(av, a_off, n, r * Lq + i0 + i, h);
-              for (int64_t c = 0; c < g.dv; ++c) op[c] = static_cast<T>(oi[c] * inv[i] + to_float(ap[c]));
-            } else {
-              for (int64_t c = 0; c < g.dv; ++c) op[c] = static_cast<T>(oi[c] * inv[i]);
-            }
+            if (lse_ptr) lse_ptr[((n * g.heads + h) * R + r) * Lq + i0 + i] = m[i] + std::log(total[i]);
+            const int64_t token = r * Lq + i0 + i;
+            store_row(at_token<T>(ov, o_off, n, token, h), o.data() + i * g.dv_pad, g.dv, 1.f / total[i],
+                      add_to.has_value() ? at_token<const T>(av, a_off, n, token, h) : nullptr);
           }
         }
       }
