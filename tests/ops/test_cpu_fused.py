@@ -58,7 +58,22 @@ SHAPES = [
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.fixture(params=["float32", "bfloat16", "bfloat16-float32-products"])
+def dtype(request):
+    """float32; bfloat16 with the dot-product kernels where the CPU has AVX512-BF16 (else the float32 products);
+    bfloat16 with the float32 products in any case."""
+    if request.param == "float32":
+        yield torch.float32
+        return
+    dot = request.param == "bfloat16"
+    compiled = torch.ops.biformer_cpu.set_bf16_dot_products(dot)
+    if not dot and not compiled:
+        torch.ops.biformer_cpu.set_bf16_dot_products(True)
+        pytest.skip("this CPU's kernels have no dot-product form: the bfloat16 case runs the float32 products")
+    yield torch.bfloat16
+    torch.ops.biformer_cpu.set_bf16_dot_products(True)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_backward_match_float64(shape, dtype):
     heads, batch, regions, tokens, d_qk, d_v, topk = shape
@@ -100,7 +115,6 @@ def test_routed_attention_heads_runs_the_kernels_on_strided_inputs():
     torch.testing.assert_close(actual.double(), plain_heads(query, key, value, topk_index, 0.4), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_image_entry_adds_the_map_and_writes_the_log_sum_exp(dtype):
     batch, height, width, heads, head_dim, grid = 2, 8, 12, 2, 8, (2, 3)
     qkv = torch.randn(batch, height, width, 3 * heads * head_dim).to(dtype)

@@ -61,11 +61,25 @@ def cpu_capability() -> str:
     return capability if capability in _CAPABILITY_FLAGS else "DEFAULT"
 
 
+def has_bf16_dot_products() -> bool:
+    """Whether the bfloat16 products run as AVX512-BF16 dot products (VDPBF16PS) on this CPU."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return cpu_capability() == "AVX512" and check is not None and bool(check())
+
+
+def _compile_flags() -> list[str]:
+    flags = ["-O3", *_CAPABILITY_FLAGS[cpu_capability()]]
+    if has_bf16_dot_products():
+        flags += ["-mavx512bf16", "-DBIFORMER_AVX512_BF16"]
+    return flags
+
+
 def extension_name() -> str:
-    """The cached library's name: one per torch version and vector width (a library built for another torch
+    """The cached library's name: one per torch version and instruction set (a library built for another torch
     would not load)."""
     version = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
-    return f"biformer_cpu_torch{version}_{cpu_capability().lower()}"
+    isa = cpu_capability().lower() + ("_bf16" if has_bf16_dot_products() else "")
+    return f"biformer_cpu_torch{version}_{isa}"
 
 
 def missing_tools() -> str | None:
@@ -94,8 +108,7 @@ def _build() -> None:
     if not any(directory.glob(f"{name}*.so")):
         print(f"biformer: building the fused CPU attention kernels once for torch {torch.__version__} "
               f"({cpu_capability()}) in {directory} (about 30 s)", file=sys.stderr, flush=True)
-    load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *_CAPABILITY_FLAGS[cpu_capability()]],
-         is_python_module=False, verbose=False)
+    load(name=name, sources=[str(SOURCE)], extra_cflags=_compile_flags(), is_python_module=False, verbose=False)
 
 
 @functools.cache

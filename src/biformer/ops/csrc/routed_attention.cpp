@@ -27,7 +27,13 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#if defined(BIFORMER_AVX512_BF16)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -235,7 +241,7 @@ inline float reduce_sum(Vec s) {
 // In-place softmax of ROWS score rows (row stride ld, n columns, a multiple of VL; columns at or after `valid`
 // are padding): the rows' reductions interleaved so that their dependency chains overlap. Returns each row's
 // maximum and sum of exponentials (the log-sum-exp is m + log(sum)).
-template <int ROWS>
+template <int ROWS, bool FAST_EXP = false>
 inline void softmax_rows(float* s, int64_t ld, int64_t n, int64_t valid, float* m, float* sum) {
   for (int i = 0; i < ROWS; ++i)
     for (int64_t j = valid; j < n; ++j) s[i * ld + j] = NEG_INF;
@@ -251,7 +257,8 @@ inline void softmax_rows(float* s, int64_t ld, int64_t n, int64_t valid, float* 
   }
   for (int64_t j = 0; j < n; j += VL)
     for (int i = 0; i < ROWS; ++i) {
-      const Vec e = (Vec::loadu(s + i * ld + j) - mv[i]).exp_u20();
+      const Vec x = Vec::loadu(s + i * ld + j) - mv[i];
+      const Vec e = FAST_EXP ? x.fexp_u20() : x.exp_u20();
       e.store(s + i * ld + j);
       sv[i] = sv[i] + e;
     }
@@ -526,6 +533,457 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// bfloat16 inputs on CPUs with AVX512-BF16: the products as VDPBF16PS (two bfloat16 products summed into each
+// float32 lane per instruction: twice the float32 FMA's work), everything else as above in float32. The operands
+// of a product are laid out in pairs along its summed axis: "pair rows" (depth / 2, cols, 2) for the score-type
+// products (pairs of head channels, columns the keys) and (keys / 2, channels, 2) for the value-type products
+// (pairs of keys). Probabilities and score gradients are rounded to bfloat16 before their products, as the
+// PyTorch backends' bfloat16 matrix products do; sums stay float32.
+
+// Whether bfloat16 calls take the dot-product kernels (on by default where compiled; the tests run both forms).
+std::atomic<bool> use_bf16_dot{true};
+
+#if defined(BIFORMER_AVX512_BF16)
+
+using u16 = uint16_t;
+constexpr int64_t BL = 16;  // float32 lanes of a 512-bit vector
+
+inline u16 bf16_bits(float x) { return c10::BFloat16(x).x; }  // round to nearest even
+inline u16 bf16_bits(c10::BFloat16 x) { return x.x; }
+
+inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+
+inline uint32_t pair_at(const u16* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// c[i][0:cols] = sum over pairs p of a[i][p] . b[p][0:cols]: a (ROWS, depth2) 32-bit pairs (row stride lda pairs),
+// b pair rows of ldb columns (each column 2 bfloat16), cols a multiple of 16.
+template <int ROWS, int NVV>
+inline void dot_a_bt_block(const uint32_t* a, int64_t lda, int64_t depth2, const u16* b, int64_t ldb, float* c,
+                           int64_t ldc) {
+  __m512 acc[ROWS][NVV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < NVV; ++u) acc[i][u] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < depth2; ++p) {
+    __m512bh bv[NVV];
+    for (int u = 0; u < NVV; ++u) bv[u] = as_bh(_mm512_loadu_si512(b + (p * ldb + u * BL) * 2));
+    for (int i = 0; i < ROWS; ++i) {
+      const __m512bh ai = as_bh(_mm512_set1_epi32(static_cast<int>(a[i * lda + p])));
+      for (int u = 0; u < NVV; ++u) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], ai, bv[u]);
+    }
+  }
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < NVV; ++u) _mm512_storeu_ps(c + i * ldc + u * BL, acc[i][u]);
+}
+
+template <int ROWS>
+inline void dot_a_bt(const uint32_t* a, int64_t lda, int64_t depth2, const u16* b, int64_t ldb, int64_t cols,
+                     float* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 4 * BL <= cols; j += 4 * BL) dot_a_bt_block<ROWS, 4>(a, lda, depth2, b + j * 2, ldb, c + j, ldc);
+  for (; j < cols; j += BL) dot_a_bt_block<ROWS, 1>(a, lda, depth2, b + j * 2, ldb, c + j, ldc);
+}
+
+// c[i][col:col+16*DV] = sum over tiles t and key pairs q of p[i][t * 2 * pairs + 2q : +2] . tile_t[q][col..][2]:
+// p (ROWS, ldp) bfloat16, tiles of `pairs` key pairs, each a row of ld channels (pairs of bfloat16).
+template <int ROWS, int DV>
+inline void dot_p_tiles_block(const u16* p, int64_t ldp, const u16* const* tiles, int64_t ntiles, int64_t pairs,
+                              int64_t ld, int64_t col, float* c, int64_t ldc) {
+  __m512 acc[ROWS][DV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < DV; ++u) acc[i][u] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const u16* tile = tiles[t] + col * 2;
+    const u16* pt = p + t * pairs * 2;
+    for (int64_t q = 0; q < pairs; ++q) {
+      __m512bh x[DV];
+      for (int u = 0; u < DV; ++u) x[u] = as_bh(_mm512_loadu_si512(tile + (q * ld + u * BL) * 2));
+      for (int i = 0; i < ROWS; ++i) {
+        const __m512bh pi = as_bh(_mm512_set1_epi32(static_cast<int>(pair_at(pt + i * ldp + 2 * q))));
+        for (int u = 0; u < DV; ++u) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], pi, x[u]);
+      }
+    }
+  }
+  for (int i = 0; i < ROWS; ++i)
+    for (int u = 0; u < DV; ++u) _mm512_storeu_ps(c + i * ldc + col + u * BL, acc[i][u]);
+}
+
+template <int ROWS>
+inline void dot_p_tiles(const u16* p, int64_t ldp, const u16* const* tiles, int64_t ntiles, int64_t pairs,
+                        int64_t ld, int64_t width, float* c, int64_t ldc) {
+  int64_t col = 0;
+  for (; col + 2 * BL <= width; col += 2 * BL) dot_p_tiles_block<ROWS, 2>(p, ldp, tiles, ntiles, pairs, ld, col, c, ldc);
+  for (; col < width; col += BL) dot_p_tiles_block<ROWS, 1>(p, ldp, tiles, ntiles, pairs, ld, col, c, ldc);
+}
+
+// acc_t[l][0:width] += sum over row pairs ip of pt[ip][t * keys_per_tile + l] . x[ip][0:width][2] for every tile t
+// and key l < len: the transposed products (dV += P^T dO, dK += dS^T q) with the query rows in pairs. pt: the
+// probabilities (or score gradients) of row pairs as 32-bit words (row_pairs, ldpt); x: (row_pairs, ldx, 2)
+// bfloat16; accumulators float32 rows of ld.
+template <int RP, int DV>
+inline void dot_pt_x_block(const uint32_t* pt, int64_t ldpt, const u16* x, int64_t ldx, float* const* tiles,
+                           int64_t ntiles, int64_t keys_per_tile, int64_t len, int64_t ld, int64_t col) {
+  __m512bh xv[RP][DV];
+  for (int i = 0; i < RP; ++i)
+    for (int u = 0; u < DV; ++u) xv[i][u] = as_bh(_mm512_loadu_si512(x + (i * ldx + col + u * BL) * 2));
+  for (int64_t t = 0; t < ntiles; ++t) {
+    float* tile = tiles[t] + col;
+    const uint32_t* pk = pt + t * keys_per_tile;
+    for (int64_t l = 0; l < len; ++l) {
+      __m512 acc[DV];
+      for (int u = 0; u < DV; ++u) acc[u] = _mm512_loadu_ps(tile + l * ld + u * BL);
+      for (int i = 0; i < RP; ++i) {
+        const __m512bh pi = as_bh(_mm512_set1_epi32(static_cast<int>(pk[i * ldpt + l])));
+        for (int u = 0; u < DV; ++u) acc[u] = _mm512_dpbf16_ps(acc[u], pi, xv[i][u]);
+      }
+      for (int u = 0; u < DV; ++u) _mm512_storeu_ps(tile + l * ld + u * BL, acc[u]);
+    }
+  }
+}
+
+template <int RP>
+inline void dot_pt_x(const uint32_t* pt, int64_t ldpt, const u16* x, int64_t ldx, float* const* tiles, int64_t ntiles,
+                     int64_t keys_per_tile, int64_t len, int64_t ld, int64_t width) {
+  int64_t col = 0;
+  for (; col + 2 * BL <= width; col += 2 * BL)
+    dot_pt_x_block<RP, 2>(pt, ldpt, x, ldx, tiles, ntiles, keys_per_tile, len, ld, col);
+  for (; col < width; col += BL) dot_pt_x_block<RP, 1>(pt, ldpt, x, ldx, tiles, ntiles, keys_per_tile, len, ld, col);
+}
+
+// Geometry of the pair layouts: tokens per key region padded to even (Lkp), the keys of a query region
+// (topk * Lkp) padded to whole vectors, head sizes padded to even (pairs) and to whole vectors (rows).
+struct PairGeometry {
+  int64_t lkp, keys, kpad, dq2, dv2, dq_pad, dv_pad;
+  bool direct;  // Lkp a whole number of vectors: score products run on the tiles themselves
+};
+
+PairGeometry make_pairs(const Geometry& g) {
+  PairGeometry pg;
+  pg.lkp = round_up(g.kv_tokens, 2);
+  pg.keys = g.topk * pg.lkp;
+  pg.kpad = round_up(pg.keys, BL);
+  pg.dq2 = (g.dq + 1) / 2;
+  pg.dv2 = (g.dv + 1) / 2;
+  pg.dq_pad = round_up(g.dq, BL);
+  pg.dv_pad = round_up(g.dv, BL);
+  pg.direct = pg.lkp % BL == 0;
+  return pg;
+}
+
+// q (or dO) rows of a block as 32-bit pairs (ROWS, d2), a missing odd channel zero.
+inline void pair_row(const u16* x, int64_t d, uint32_t* dst) {
+  const int64_t d2 = (d + 1) / 2;
+  if (d % 2 == 0) {
+    std::memcpy(dst, x, d * sizeof(u16));
+  } else {
+    std::memcpy(dst, x, (d - 1) * sizeof(u16));
+    dst[d2 - 1] = x[d - 1];
+  }
+}
+
+// A region's tokens (d channels of head h) as pair rows: tile[p][l][e] = x[l][2p + e], (d2, lkp, 2), zero-padded.
+// A pair of channels is one 32-bit word, so this is a 32-bit transpose of the tokens' rows.
+void pair_rows_tile(const View& v, const std::vector<int64_t>& off, int64_t n, int64_t r, int64_t h, int64_t d,
+                    const Geometry& g, const PairGeometry& pg, uint32_t* tmp, u16* tile) {
+  const int64_t L = g.kv_tokens, d2 = (d + 1) / 2;
+  for (int64_t l = 0; l < L; ++l)
+    pair_row(reinterpret_cast<const u16*>(at_token<const c10::BFloat16>(v, off, n, r * L + l, h)), d, tmp + l * d2);
+  uint32_t* words = reinterpret_cast<uint32_t*>(tile);
+  at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(tmp), d2, reinterpret_cast<float*>(words), pg.lkp,
+                                static_cast<int>(L), static_cast<int>(d2));
+  for (int64_t l = L; l < pg.lkp; ++l)
+    for (int64_t p = 0; p < d2; ++p) words[p * pg.lkp + l] = 0;
+}
+
+// Two token rows a, b (d channels) interleaved: out[2c] = a[c], out[2c + 1] = b[c] for c < d_pad (zeros past d;
+// b may be null: zeros).
+inline void interleave_rows(const u16* a, const u16* b, int64_t d, int64_t d_pad, u16* out) {
+  static const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                             37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  static const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                                             22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  for (int64_t c = 0; c < d_pad; c += 32) {
+    const int64_t count = std::max<int64_t>(0, std::min<int64_t>(32, d - c));
+    const __mmask32 mask = count >= 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1;
+    const __m512i x = _mm512_maskz_loadu_epi16(mask, a + c);
+    const __m512i y = b ? _mm512_maskz_loadu_epi16(mask, b + c) : _mm512_setzero_si512();
+    const int64_t words = std::min<int64_t>(32, d_pad - c);  // channels of this step: 16 or 32
+    _mm512_storeu_si512(out + 2 * c, _mm512_permutex2var_epi16(x, lo, y));
+    if (words > 16) _mm512_storeu_si512(out + 2 * c + 32, _mm512_permutex2var_epi16(x, hi, y));
+  }
+}
+
+// A region's tokens as key pairs: tile[q][c][e] = x[2q + e][c], (lkp / 2, d_pad, 2), zero-padded.
+void key_pairs_tile(const View& v, const std::vector<int64_t>& off, int64_t n, int64_t r, int64_t h, int64_t d,
+                    int64_t d_pad, const Geometry& g, const PairGeometry& pg, u16* tile) {
+  const int64_t L = g.kv_tokens;
+  for (int64_t l = 0; l < L; l += 2) {
+    const u16* a = reinterpret_cast<const u16*>(at_token<const c10::BFloat16>(v, off, n, r * L + l, h));
+    const u16* b = l + 1 < L ? reinterpret_cast<const u16*>(at_token<const c10::BFloat16>(v, off, n, r * L + l + 1, h))
+                             : nullptr;
+    interleave_rows(a, b, d, d_pad, tile + (l / 2) * d_pad * 2);
+  }
+}
+
+// The pair-row tiles of a query region's routed regions side by side: buf (d2, kpad, 2).
+template <int64_t LKP>
+inline void assemble_pair_runs(const u16* const* tiles, int64_t ntiles, int64_t d2, int64_t lkp_rt, int64_t kpad,
+                               u16* buf) {
+  const int64_t run = (LKP ? LKP : lkp_rt) * 2;  // a constant length compiles to plain moves
+  for (int64_t p = 0; p < d2; ++p) {
+    u16* dst = buf + p * kpad * 2;
+    for (int64_t t = 0; t < ntiles; ++t) std::memcpy(dst + t * run, tiles[t] + p * run, run * sizeof(u16));
+    std::memset(dst + ntiles * run, 0, (kpad * 2 - ntiles * run) * sizeof(u16));
+  }
+}
+
+void assemble_pairs(const u16* const* tiles, int64_t ntiles, int64_t d2, const PairGeometry& pg, u16* buf) {
+  switch (pg.lkp) {
+    case 2: assemble_pair_runs<2>(tiles, ntiles, d2, pg.lkp, pg.kpad, buf); break;
+    case 4: assemble_pair_runs<4>(tiles, ntiles, d2, pg.lkp, pg.kpad, buf); break;
+    case 6: assemble_pair_runs<6>(tiles, ntiles, d2, pg.lkp, pg.kpad, buf); break;
+    case 8: assemble_pair_runs<8>(tiles, ntiles, d2, pg.lkp, pg.kpad, buf); break;
+    default: assemble_pair_runs<0>(tiles, ntiles, d2, pg.lkp, pg.kpad, buf); break;
+  }
+}
+
+template <int ROWS>
+inline void pair_scores(const Geometry& g, const PairGeometry& pg, const uint32_t* a, int64_t lda, int64_t depth2,
+                        const u16* const* tiles, const u16* buf, float* s) {
+  if (pg.direct) {
+    for (int64_t t = 0; t < g.topk; ++t)
+      dot_a_bt<ROWS>(a, lda, depth2, tiles[t], pg.lkp, pg.lkp, s + t * pg.lkp, pg.kpad);
+  } else {
+    dot_a_bt<ROWS>(a, lda, depth2, buf, pg.kpad, pg.kpad, s + 0, pg.kpad);
+  }
+}
+
+// Score columns that are no key: a padding token of each tile (odd region sizes) and the tail.
+inline void mask_columns(const Geometry& g, const PairGeometry& pg, float* row) {
+  if (pg.lkp != g.kv_tokens)
+    for (int64_t t = 0; t < g.topk; ++t) row[t * pg.lkp + g.kv_tokens] = NEG_INF;
+  for (int64_t j = pg.keys; j < pg.kpad; ++j) row[j] = NEG_INF;
+}
+
+inline void to_bf16_row(const float* src, int64_t n, u16* dst) {  // n a multiple of 16
+  for (int64_t j = 0; j < n; j += BL) {
+    const __m256bh x = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<const __m256i&>(x));
+  }
+}
+
+void forward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& topk_index,
+                      double scale_d, const c10::optional<at::Tensor>& add_to, const at::Tensor& out,
+                      const c10::optional<at::Tensor>& lse) {
+  using T = c10::BFloat16;
+  const Geometry g = make_geometry(q, k, v, topk_index);
+  const PairGeometry pg = make_pairs(g);
+  const float scale = static_cast<float>(scale_d);
+  const View qv = make_view(q), kv = make_view(k), vv = make_view(v), ov = make_view(out);
+  const View av = add_to.has_value() ? make_view(*add_to) : View();
+  const auto q_off = token_offsets(qv, g, g.q_rh, g.q_rw), o_off = token_offsets(ov, g, g.q_rh, g.q_rw);
+  const auto k_off = token_offsets(kv, g, g.kv_rh, g.kv_rw), v_off = token_offsets(vv, g, g.kv_rh, g.kv_rw);
+  const auto a_off = add_to.has_value() ? token_offsets(av, g, g.q_rh, g.q_rw) : std::vector<int64_t>();
+  const int64_t* index = topk_index.data_ptr<int64_t>();
+  float* lse_ptr = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  const int64_t R = g.regions, Lq = g.q_tokens;
+  const int64_t k_size = pg.dq2 * pg.lkp * 2, v_size = pg.lkp * pg.dv_pad;
+  auto tiles = at::empty({g.heads * R * (k_size + v_size)}, at::kShort);
+  u16* k_all = reinterpret_cast<u16*>(tiles.data_ptr<int16_t>());
+  u16* v_all = k_all + g.heads * R * k_size;
+  for (int64_t n = 0; n < g.batch; ++n) {
+    at::parallel_for(0, g.heads * R, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> tmp(g.kv_tokens * pg.dq2);
+      for (int64_t hr = begin; hr < end; ++hr) {
+        const int64_t h = hr / R, r = hr % R;
+        pair_rows_tile(kv, k_off, n, r, h, g.dq, g, pg, tmp.data(), k_all + hr * k_size);
+        key_pairs_tile(vv, v_off, n, r, h, g.dv, pg.dv_pad, g, pg, v_all + hr * v_size);
+      }
+    });
+    at::parallel_for(0, R * g.heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<u16> buf(pg.direct ? 0 : pg.dq2 * pg.kpad * 2), pbf(MQ * pg.kpad);
+      std::vector<float> s(MQ * pg.kpad), o(MQ * pg.dv_pad);
+      std::vector<uint32_t> a(MQ * pg.dq2);
+      std::vector<const u16*> k_tiles(g.topk), v_tiles(g.topk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / g.heads, h = task % g.heads;
+        for (int64_t t = 0; t < g.topk; ++t) {
+          const int64_t routed = index[(n * R + r) * g.topk + t];
+          k_tiles[t] = k_all + (h * R + routed) * k_size;
+          v_tiles[t] = v_all + (h * R + routed) * v_size;
+        }
+        if (!pg.direct) assemble_pairs(k_tiles.data(), g.topk, pg.dq2, pg, buf.data());
+        for (int64_t i0 = 0; i0 < Lq; i0 += MQ) {
+          const int64_t rows = std::min<int64_t>(MQ, Lq - i0);
+          for (int64_t i = 0; i < rows; ++i)
+            pair_row(reinterpret_cast<const u16*>(at_token<const T>(qv, q_off, n, r * Lq + i0 + i, h)), g.dq,
+                     a.data() + i * pg.dq2);
+          float m[MQ], total[MQ];
+          with_rows(rows, [&](auto rows_c) {
+            constexpr int ROWS = decltype(rows_c)::value;
+            pair_scores<ROWS>(g, pg, a.data(), pg.dq2, pg.dq2, k_tiles.data(), buf.data(), s.data());
+            const Vec sv(scale);
+            for (int i = 0; i < ROWS; ++i) {
+              float* row = s.data() + i * pg.kpad;
+              for (int64_t j = 0; j < pg.kpad; j += VL) (Vec::loadu(row + j) * sv).store(row + j);
+              mask_columns(g, pg, row);
+            }
+            softmax_rows<ROWS, true>(s.data(), pg.kpad, pg.kpad, pg.kpad, m, total);
+            for (int i = 0; i < ROWS; ++i) to_bf16_row(s.data() + i * pg.kpad, pg.kpad, pbf.data() + i * pg.kpad);
+            dot_p_tiles<ROWS>(pbf.data(), pg.kpad, v_tiles.data(), g.topk, pg.lkp / 2, pg.dv_pad, pg.dv_pad, o.data(),
+                              pg.dv_pad);
+          });
+          for (int64_t i = 0; i < rows; ++i) {
+            if (lse_ptr) lse_ptr[((n * g.heads + h) * R + r) * Lq + i0 + i] = m[i] + std::log(total[i]);
+            const int64_t token = r * Lq + i0 + i;
+            store_row(at_token<T>(ov, o_off, n, token, h), o.data() + i * pg.dv_pad, g.dv, 1.f / total[i],
+                      add_to.has_value() ? at_token<const T>(av, a_off, n, token, h) : nullptr);
+          }
+        }
+      }
+    });
+  }
+}
+
+void backward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& topk_index,
+                       const at::Tensor& lse, const at::Tensor& grad_out, double scale_d, const at::Tensor& grad_q,
+                       const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  using T = c10::BFloat16;
+  const Geometry g = make_geometry(q, k, v, topk_index);
+  const PairGeometry pg = make_pairs(g);
+  const float scale = static_cast<float>(scale_d);
+  const View qv = make_view(q), kv = make_view(k), vv = make_view(v), gov = make_view(grad_out);
+  const View gqv = make_view(grad_q), gkv = make_view(grad_k), gvv = make_view(grad_v);
+  const auto q_off = token_offsets(qv, g, g.q_rh, g.q_rw), go_off = token_offsets(gov, g, g.q_rh, g.q_rw);
+  const auto gq_off = token_offsets(gqv, g, g.q_rh, g.q_rw);
+  const auto k_off = token_offsets(kv, g, g.kv_rh, g.kv_rw), v_off = token_offsets(vv, g, g.kv_rh, g.kv_rw);
+  const auto gk_off = token_offsets(gkv, g, g.kv_rh, g.kv_rw), gv_off = token_offsets(gvv, g, g.kv_rh, g.kv_rw);
+  const int64_t* index = topk_index.data_ptr<int64_t>();
+  const float* lse_ptr = lse.data_ptr<float>();
+  const int64_t R = g.regions, Lq = g.q_tokens, Lk = g.kv_tokens;
+  const int64_t kpr_size = pg.dq2 * pg.lkp * 2, vpr_size = pg.dv2 * pg.lkp * 2, kkp_size = pg.lkp * pg.dq_pad;
+  const int64_t dk_size = pg.lkp * pg.dq_pad, dv_size = pg.lkp * pg.dv_pad;
+  constexpr int64_t RP = MQ / 2;  // row pairs of a block
+  at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<u16> kpr_all(R * kpr_size), vpr_all(R * vpr_size), kkp_all(R * kkp_size);
+    std::vector<uint32_t> tmp(Lk * std::max(pg.dq2, pg.dv2));
+    std::vector<float> dk_all(R * dk_size), dv_all(R * dv_size);
+    std::vector<u16> kbuf(pg.direct ? 0 : pg.dq2 * pg.kpad * 2), vbuf(pg.direct ? 0 : pg.dv2 * pg.kpad * 2);
+    std::vector<float> p(MQ * pg.kpad), dp(MQ * pg.kpad), dq(MQ * pg.dq_pad);
+    std::vector<u16> pbf(MQ * pg.kpad), dsbf(MQ * pg.kpad), q2(RP * pg.dq_pad * 2), go2(RP * pg.dv_pad * 2);
+    std::vector<uint32_t> a(MQ * pg.dq2), go(MQ * pg.dv2), pt(RP * pg.kpad), dst(RP * pg.kpad);
+    std::vector<const u16*> kpr_tiles(g.topk), vpr_tiles(g.topk), kkp_tiles(g.topk);
+    std::vector<float*> dk_tiles(g.topk), dv_tiles(g.topk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.heads, h = task % g.heads;
+      for (int64_t r = 0; r < R; ++r) {
+        pair_rows_tile(kv, k_off, n, r, h, g.dq, g, pg, tmp.data(), kpr_all.data() + r * kpr_size);
+        pair_rows_tile(vv, v_off, n, r, h, g.dv, g, pg, tmp.data(), vpr_all.data() + r * vpr_size);
+        key_pairs_tile(kv, k_off, n, r, h, g.dq, pg.dq_pad, g, pg, kkp_all.data() + r * kkp_size);
+      }
+      std::fill(dk_all.begin(), dk_all.end(), 0.f);
+      std::fill(dv_all.begin(), dv_all.end(), 0.f);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t t = 0; t < g.topk; ++t) {
+          const int64_t routed = index[(n * R + r) * g.topk + t];
+          kpr_tiles[t] = kpr_all.data() + routed * kpr_size;
+          vpr_tiles[t] = vpr_all.data() + routed * vpr_size;
+          kkp_tiles[t] = kkp_all.data() + routed * kkp_size;
+          dk_tiles[t] = dk_all.data() + routed * dk_size;
+          dv_tiles[t] = dv_all.data() + routed * dv_size;
+        }
+        if (!pg.direct) {
+          assemble_pairs(kpr_tiles.data(), g.topk, pg.dq2, pg, kbuf.data());
+          assemble_pairs(vpr_tiles.data(), g.topk, pg.dv2, pg, vbuf.data());
+        }
+        for (int64_t i0 = 0; i0 < Lq; i0 += MQ) {
+          const int64_t rows = std::min<int64_t>(MQ, Lq - i0);
+          // the block's q and dO rows: as 32-bit pairs of channels, and as row pairs (channel-interleaved)
+          const u16* qp[MQ];
+          const u16* gp[MQ];
+          for (int64_t i = 0; i < MQ; ++i) {
+            qp[i] = i < rows ? reinterpret_cast<const u16*>(at_token<const T>(qv, q_off, n, r * Lq + i0 + i, h)) : nullptr;
+            gp[i] = i < rows ? reinterpret_cast<const u16*>(at_token<const T>(gov, go_off, n, r * Lq + i0 + i, h))
+                             : nullptr;
+            if (i < rows) {
+              pair_row(qp[i], g.dq, a.data() + i * pg.dq2);
+              pair_row(gp[i], g.dv, go.data() + i * pg.dv2);
+            }
+          }
+          for (int64_t ip = 0; ip < RP; ++ip) {
+            if (qp[2 * ip] == nullptr) {
+              std::fill(q2.begin() + ip * pg.dq_pad * 2, q2.begin() + (ip + 1) * pg.dq_pad * 2, 0);
+              std::fill(go2.begin() + ip * pg.dv_pad * 2, go2.begin() + (ip + 1) * pg.dv_pad * 2, 0);
+              continue;
+            }
+            interleave_rows(qp[2 * ip], qp[2 * ip + 1], g.dq, pg.dq_pad, q2.data() + ip * pg.dq_pad * 2);
+            interleave_rows(gp[2 * ip], gp[2 * ip + 1], g.dv, pg.dv_pad, go2.data() + ip * pg.dv_pad * 2);
+          }
+          with_rows(rows, [&](auto rows_c) {
+            constexpr int ROWS = decltype(rows_c)::value;
+            pair_scores<ROWS>(g, pg, a.data(), pg.dq2, pg.dq2, kpr_tiles.data(), kbuf.data(), p.data());  // S
+            pair_scores<ROWS>(g, pg, go.data(), pg.dv2, pg.dv2, vpr_tiles.data(), vbuf.data(), dp.data());  // dP
+            for (int i = 0; i < ROWS; ++i) {
+              float* pi = p.data() + i * pg.kpad;
+              float* dpi = dp.data() + i * pg.kpad;
+              mask_columns(g, pg, pi);
+              const Vec m(lse_ptr[((n * g.heads + h) * R + r) * Lq + i0 + i]), sv(scale);
+              Vec dsum(0.f);
+              for (int64_t j = 0; j < pg.kpad; j += VL) {
+                const Vec e = (Vec::loadu(pi + j) * sv - m).fexp_u20();
+                e.store(pi + j);
+                dsum = at::vec::fmadd(e, Vec::loadu(dpi + j), dsum);
+              }
+              const Vec d(reduce_sum(dsum));
+              for (int64_t j = 0; j < pg.kpad; j += VL)
+                (Vec::loadu(pi + j) * (Vec::loadu(dpi + j) - d)).store(dpi + j);  // dS
+              to_bf16_row(pi, pg.kpad, pbf.data() + i * pg.kpad);
+              to_bf16_row(dpi, pg.kpad, dsbf.data() + i * pg.kpad);
+            }
+            // P and dS of row pairs interleaved: pt[ip][j] = (P[2ip][j], P[2ip + 1][j]) as one 32-bit word
+            for (int64_t ip = 0; ip < RP; ++ip) {
+              const int64_t i = 2 * ip;
+              const u16* p1 = i + 1 < ROWS ? pbf.data() + (i + 1) * pg.kpad : nullptr;
+              const u16* s1 = i + 1 < ROWS ? dsbf.data() + (i + 1) * pg.kpad : nullptr;
+              if (i < ROWS) {
+                interleave_rows(pbf.data() + i * pg.kpad, p1, pg.kpad, pg.kpad,
+                                reinterpret_cast<u16*>(pt.data() + ip * pg.kpad));
+                interleave_rows(dsbf.data() + i * pg.kpad, s1, pg.kpad, pg.kpad,
+                                reinterpret_cast<u16*>(dst.data() + ip * pg.kpad));
+              } else {
+                std::fill(pt.begin() + ip * pg.kpad, pt.begin() + (ip + 1) * pg.kpad, 0u);
+                std::fill(dst.begin() + ip * pg.kpad, dst.begin() + (ip + 1) * pg.kpad, 0u);
+              }
+            }
+            dot_p_tiles<ROWS>(dsbf.data(), pg.kpad, kkp_tiles.data(), g.topk, pg.lkp / 2, pg.dq_pad, pg.dq_pad,
+                              dq.data(), pg.dq_pad);  // dQ / scale
+          });
+          dot_pt_x<RP>(pt.data(), pg.kpad, go2.data(), pg.dv_pad, dv_tiles.data(), g.topk, pg.lkp, Lk, pg.dv_pad,
+                       pg.dv_pad);
+          dot_pt_x<RP>(dst.data(), pg.kpad, q2.data(), pg.dq_pad, dk_tiles.data(), g.topk, pg.lkp, Lk, pg.dq_pad,
+                       pg.dq_pad);
+          for (int64_t i = 0; i < rows; ++i)
+            store_row(at_token<T>(gqv, gq_off, n, r * Lq + i0 + i, h), dq.data() + i * pg.dq_pad, g.dq, scale,
+                      static_cast<const T*>(nullptr));
+        }
+      }
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t l = 0; l < Lk; ++l) {
+          store_row(at_token<T>(gkv, gk_off, n, r * Lk + l, h), dk_all.data() + r * dk_size + l * pg.dq_pad, g.dq,
+                    scale, static_cast<const T*>(nullptr));
+          store_row(at_token<T>(gvv, gv_off, n, r * Lk + l, h), dv_all.data() + r * dv_size + l * pg.dv_pad, g.dv,
+                    1.f, static_cast<const T*>(nullptr));
+        }
+    }
+  });
+}
+
+#endif  // BIFORMER_AVX512_BF16
+
+// ---------------------------------------------------------------------------------------------------------------
 // Region means (the routing's region-level q and k).
 
 template <typename T>
@@ -613,6 +1071,9 @@ void routed_attention_forward(const at::Tensor& q, const at::Tensor& k, const at
     forward_kernel<float>(q, k, v, topk_index, scale, add_to, out, lse);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, "query: expected float32 or bfloat16, got ", q.scalar_type());
+#if defined(BIFORMER_AVX512_BF16)
+    if (use_bf16_dot.load()) return forward_bf16_dot(q, k, v, topk_index, scale, add_to, out, lse);
+#endif
     forward_kernel<c10::BFloat16>(q, k, v, topk_index, scale, add_to, out, lse);
   }
 }
@@ -640,6 +1101,9 @@ void routed_attention_backward(const at::Tensor& q, const at::Tensor& k, const a
     backward_kernel<float>(q, k, v, topk_index, lse, grad_out, scale, grad_q, grad_k, grad_v);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, "query: expected float32 or bfloat16, got ", q.scalar_type());
+#if defined(BIFORMER_AVX512_BF16)
+    if (use_bf16_dot.load()) return backward_bf16_dot(q, k, v, topk_index, lse, grad_out, scale, grad_q, grad_k, grad_v);
+#endif
     backward_kernel<c10::BFloat16>(q, k, v, topk_index, lse, grad_out, scale, grad_q, grad_k, grad_v);
   }
 }
@@ -656,6 +1120,17 @@ at::Tensor region_means(const at::Tensor& x) {
   return out;
 }
 
+// Turn the bfloat16 dot-product kernels on or off; returns whether they are compiled in (the setting is ignored
+// where they are not).
+bool set_bf16_dot_products(bool enabled) {
+  use_bf16_dot.store(enabled);
+#if defined(BIFORMER_AVX512_BF16)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(biformer_cpu, m) {
@@ -664,6 +1139,7 @@ TORCH_LIBRARY(biformer_cpu, m) {
   m.def("routed_attention_backward(Tensor query, Tensor key, Tensor value, Tensor topk_index, Tensor lse, "
         "Tensor grad_out, float scale, Tensor(a!) grad_query, Tensor(b!) grad_key, Tensor(c!) grad_value) -> ()");
   m.def("region_means(Tensor x) -> Tensor");
+  m.def("set_bf16_dot_products(bool enabled) -> bool", &set_bf16_dot_products);
 }
 
 TORCH_LIBRARY_IMPL(biformer_cpu, CPU, m) {
