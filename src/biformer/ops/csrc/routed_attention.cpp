@@ -32,6 +32,8 @@
 #endif
 
 #include <algorithm>
+#include <array>
+#include <memory>
 #include <atomic>
 #include <cstdint>
 #include <cmath>
@@ -130,6 +132,35 @@ template <typename T>
 inline T* at_token(const View& v, const std::vector<int64_t>& off, int64_t n, int64_t r_l, int64_t h) {
   return reinterpret_cast<T*>(v.base) + n * v.stride[0] + off[r_l] + h * v.stride[5];
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scratch memory. The tiles of an image (about (qk_dim + C) floats per token) would be fresh pages at every call
+// if allocated per call (a page fault per 4 KiB, which cost more than the arithmetic at BiFormer's sizes); each
+// thread keeps its buffers between calls instead, up to KEEP_BYTES each (larger ones, for large images, are
+// allocated per call).
+
+constexpr size_t KEEP_BYTES = size_t(32) << 20;
+constexpr int SLOTS = 6;
+
+class Scratch {
+ public:
+  Scratch(int slot, size_t bytes) {
+    thread_local std::array<std::vector<char>, SLOTS> kept;
+    if (bytes <= KEEP_BYTES) {
+      if (kept[slot].size() < bytes) kept[slot].resize(bytes);
+      data_ = kept[slot].data();
+    } else {
+      own_.reset(new char[bytes]);
+      data_ = own_.get();
+    }
+  }
+  template <typename U>
+  U* as() const { return reinterpret_cast<U*>(data_); }
+
+ private:
+  char* data_ = nullptr;
+  std::unique_ptr<char[]> own_;
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Micro-kernels (float32, register-blocked).
@@ -386,8 +417,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t R = g.regions, Lq = g.q_tokens, Lk = g.kv_tokens;
   const int64_t kt_size = g.dq * Lk, v_size = Lk * g.dv_pad;
   // one image at a time: its tiles (about (qk_dim + C) floats per token) stay in cache while it is attended to
-  auto tiles = at::empty({g.heads * R * (kt_size + v_size)}, at::kFloat);
-  float* kt_all = tiles.data_ptr<float>();
+  const Scratch tiles(0, g.heads * R * (kt_size + v_size) * sizeof(float));
+  float* kt_all = tiles.as<float>();
   float* v_all = kt_all + g.heads * R * kt_size;
   for (int64_t n = 0; n < g.batch; ++n) {
     at::parallel_for(0, g.heads * R, 1, [&](int64_t begin, int64_t end) {
@@ -454,8 +485,14 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t R = g.regions, Lq = g.q_tokens, Lk = g.kv_tokens;
   const int64_t kt_size = g.dq * Lk, kr_size = Lk * g.dq_pad, vt_size = g.dv * Lk, dv_size = Lk * g.dv_pad;
   at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt_all(R * kt_size), kr_all(R * kr_size), vt_all(R * vt_size);
-    std::vector<float> dk_all(R * kr_size), dv_all(R * dv_size), tmp(Lk * std::max(g.dq, g.dv));
+    const Scratch kt_s(1, R * kt_size * 4), kr_s(2, R * kr_size * 4), vt_s(3, R * vt_size * 4);
+    const Scratch dk_s(4, R * kr_size * 4), dv_s(5, R * dv_size * 4);
+    float* kt_all = kt_s.as<float>();
+    float* kr_all = kr_s.as<float>();
+    float* vt_all = vt_s.as<float>();
+    float* dk_all = dk_s.as<float>();
+    float* dv_all = dv_s.as<float>();
+    std::vector<float> tmp(Lk * std::max(g.dq, g.dv));
     std::vector<float> kbuf(g.direct ? 0 : g.dq * g.kpad), vbuf(g.direct ? 0 : g.dv * g.kpad);
     // a: the scaled queries, go: the output gradient, as rows padded with zeros to whole vectors
     std::vector<float> p(MQ * g.kpad), dp(MQ * g.kpad), a(MQ * g.dq_pad, 0.f), go(MQ * g.dv_pad, 0.f);
@@ -465,20 +502,20 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.heads, h = task % g.heads;
       for (int64_t r = 0; r < R; ++r) {
-        transposed_tile<T>(kv, k_off, n, r, h, g.dq, g, tmp.data(), kt_all.data() + r * kt_size);
-        row_tile<T>(kv, k_off, n, r, h, g.dq, g.dq_pad, g, kr_all.data() + r * kr_size);
-        transposed_tile<T>(vv, v_off, n, r, h, g.dv, g, tmp.data(), vt_all.data() + r * vt_size);
+        transposed_tile<T>(kv, k_off, n, r, h, g.dq, g, tmp.data(), kt_all + r * kt_size);
+        row_tile<T>(kv, k_off, n, r, h, g.dq, g.dq_pad, g, kr_all + r * kr_size);
+        transposed_tile<T>(vv, v_off, n, r, h, g.dv, g, tmp.data(), vt_all + r * vt_size);
       }
-      std::fill(dk_all.begin(), dk_all.end(), 0.f);
-      std::fill(dv_all.begin(), dv_all.end(), 0.f);
+      std::fill(dk_all, dk_all + R * kr_size, 0.f);
+      std::fill(dv_all, dv_all + R * dv_size, 0.f);
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t t = 0; t < g.topk; ++t) {
           const int64_t routed = index[(n * R + r) * g.topk + t];
-          kt_tiles[t] = kt_all.data() + routed * kt_size;
-          kr_tiles[t] = kr_all.data() + routed * kr_size;
-          vt_tiles[t] = vt_all.data() + routed * vt_size;
-          dk_tiles[t] = dk_all.data() + routed * kr_size;
-          dv_tiles[t] = dv_all.data() + routed * dv_size;
+          kt_tiles[t] = kt_all + routed * kt_size;
+          kr_tiles[t] = kr_all + routed * kr_size;
+          vt_tiles[t] = vt_all + routed * vt_size;
+          dk_tiles[t] = dk_all + routed * kr_size;
+          dv_tiles[t] = dv_all + routed * dv_size;
         }
         if (!g.direct) {
           assemble(kt_tiles.data(), g.topk, g.dq, Lk, g.kpad, kbuf.data());
@@ -522,8 +559,8 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         for (int64_t l = 0; l < Lk; ++l) {
           T* gk = at_token<T>(gkv, gk_off, n, r * Lk + l, h);
           T* gv = at_token<T>(gvv, gv_off, n, r * Lk + l, h);
-          const float* dki = dk_all.data() + r * kr_size + l * g.dq_pad;
-          const float* dvi = dv_all.data() + r * dv_size + l * g.dv_pad;
+          const float* dki = dk_all + r * kr_size + l * g.dq_pad;
+          const float* dvi = dv_all + r * dv_size + l * g.dv_pad;
           for (int64_t c = 0; c < g.dq; ++c) gk[c] = static_cast<T>(dki[c]);
           for (int64_t c = 0; c < g.dv; ++c) gv[c] = static_cast<T>(dvi[c]);
         }
@@ -791,8 +828,8 @@ void forward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   float* lse_ptr = lse.has_value() ? lse->data_ptr<float>() : nullptr;
   const int64_t R = g.regions, Lq = g.q_tokens;
   const int64_t k_size = pg.dq2 * pg.lkp * 2, v_size = pg.lkp * pg.dv_pad;
-  auto tiles = at::empty({g.heads * R * (k_size + v_size)}, at::kShort);
-  u16* k_all = reinterpret_cast<u16*>(tiles.data_ptr<int16_t>());
+  const Scratch tiles(0, g.heads * R * (k_size + v_size) * sizeof(u16));
+  u16* k_all = tiles.as<u16>();
   u16* v_all = k_all + g.heads * R * k_size;
   for (int64_t n = 0; n < g.batch; ++n) {
     at::parallel_for(0, g.heads * R, 1, [&](int64_t begin, int64_t end) {
@@ -868,9 +905,14 @@ void backward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t dk_size = pg.lkp * pg.dq_pad, dv_size = pg.lkp * pg.dv_pad;
   constexpr int64_t RP = MQ / 2;  // row pairs of a block
   at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<u16> kpr_all(R * kpr_size), vpr_all(R * vpr_size), kkp_all(R * kkp_size);
+    const Scratch kpr_s(1, R * kpr_size * 2), vpr_s(2, R * vpr_size * 2), kkp_s(3, R * kkp_size * 2);
+    const Scratch dk_s(4, R * dk_size * 4), dv_s(5, R * dv_size * 4);
+    u16* kpr_all = kpr_s.as<u16>();
+    u16* vpr_all = vpr_s.as<u16>();
+    u16* kkp_all = kkp_s.as<u16>();
+    float* dk_all = dk_s.as<float>();
+    float* dv_all = dv_s.as<float>();
     std::vector<uint32_t> tmp(Lk * std::max(pg.dq2, pg.dv2));
-    std::vector<float> dk_all(R * dk_size), dv_all(R * dv_size);
     std::vector<u16> kbuf(pg.direct ? 0 : pg.dq2 * pg.kpad * 2), vbuf(pg.direct ? 0 : pg.dv2 * pg.kpad * 2);
     std::vector<float> p(MQ * pg.kpad), dp(MQ * pg.kpad), dq(MQ * pg.dq_pad);
     std::vector<u16> pbf(MQ * pg.kpad), dsbf(MQ * pg.kpad), q2(RP * pg.dq_pad * 2), go2(RP * pg.dv_pad * 2);
@@ -880,20 +922,20 @@ void backward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.heads, h = task % g.heads;
       for (int64_t r = 0; r < R; ++r) {
-        pair_rows_tile(kv, k_off, n, r, h, g.dq, g, pg, tmp.data(), kpr_all.data() + r * kpr_size);
-        pair_rows_tile(vv, v_off, n, r, h, g.dv, g, pg, tmp.data(), vpr_all.data() + r * vpr_size);
-        key_pairs_tile(kv, k_off, n, r, h, g.dq, pg.dq_pad, g, pg, kkp_all.data() + r * kkp_size);
+        pair_rows_tile(kv, k_off, n, r, h, g.dq, g, pg, tmp.data(), kpr_all + r * kpr_size);
+        pair_rows_tile(vv, v_off, n, r, h, g.dv, g, pg, tmp.data(), vpr_all + r * vpr_size);
+        key_pairs_tile(kv, k_off, n, r, h, g.dq, pg.dq_pad, g, pg, kkp_all + r * kkp_size);
       }
-      std::fill(dk_all.begin(), dk_all.end(), 0.f);
-      std::fill(dv_all.begin(), dv_all.end(), 0.f);
+      std::fill(dk_all, dk_all + R * dk_size, 0.f);
+      std::fill(dv_all, dv_all + R * dv_size, 0.f);
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t t = 0; t < g.topk; ++t) {
           const int64_t routed = index[(n * R + r) * g.topk + t];
-          kpr_tiles[t] = kpr_all.data() + routed * kpr_size;
-          vpr_tiles[t] = vpr_all.data() + routed * vpr_size;
-          kkp_tiles[t] = kkp_all.data() + routed * kkp_size;
-          dk_tiles[t] = dk_all.data() + routed * dk_size;
-          dv_tiles[t] = dv_all.data() + routed * dv_size;
+          kpr_tiles[t] = kpr_all + routed * kpr_size;
+          vpr_tiles[t] = vpr_all + routed * vpr_size;
+          kkp_tiles[t] = kkp_all + routed * kkp_size;
+          dk_tiles[t] = dk_all + routed * dk_size;
+          dv_tiles[t] = dv_all + routed * dv_size;
         }
         if (!pg.direct) {
           assemble_pairs(kpr_tiles.data(), g.topk, pg.dq2, pg, kbuf.data());
@@ -972,9 +1014,9 @@ void backward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       }
       for (int64_t r = 0; r < R; ++r)
         for (int64_t l = 0; l < Lk; ++l) {
-          store_row(at_token<T>(gkv, gk_off, n, r * Lk + l, h), dk_all.data() + r * dk_size + l * pg.dq_pad, g.dq,
+          store_row(at_token<T>(gkv, gk_off, n, r * Lk + l, h), dk_all + r * dk_size + l * pg.dq_pad, g.dq,
                     scale, static_cast<const T*>(nullptr));
-          store_row(at_token<T>(gvv, gv_off, n, r * Lk + l, h), dv_all.data() + r * dv_size + l * pg.dv_pad, g.dv,
+          store_row(at_token<T>(gvv, gv_off, n, r * Lk + l, h), dv_all + r * dv_size + l * pg.dv_pad, g.dv,
                     1.f, static_cast<const T*>(nullptr));
         }
     }
