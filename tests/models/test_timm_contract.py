@@ -25,6 +25,7 @@ from timm.models import create_feature_extractor, get_graph_node_names
 
 import biformer  # noqa: F401  (registers the models)
 from biformer._checks import is_tracing
+from biformer.ops.cpu_kernels import ENV_VARIABLE as CPU_KERNELS
 from biformer.ops.linear import ENV_VARIABLE as ONEDNN_LINEAR
 
 MODEL_NAMES = timm.list_models("biformer*")
@@ -106,9 +107,11 @@ def test_backward(name):
 def test_features_only(name, feature_cls, monkeypatch):
     """timm's test_model_forward_features / _intermediates_features, in every feature_cls: four NCHW maps with the
     channels and strides of feature_info, equal to forward_intermediates of the same weights."""
-    # fx graphs run nn.Linear; eager inference may run oneDNN's GEMM (equal to float rounding, see
-    # tests/ops/test_linear.py): the exact comparison is of the same kernels
+    # fx graphs run nn.Linear and the plain position-encoding conv; eager inference may run oneDNN's GEMM and the
+    # fused CPU kernels (equal to float rounding, see tests/ops/test_linear.py and test_cpu_fused.py): the exact
+    # comparison is of the same kernels
     monkeypatch.setenv(ONEDNN_LINEAR, "0")
+    monkeypatch.setenv(CPU_KERNELS, "0")
     torch.manual_seed(0)
     features = build(name, features_only=True, feature_cls=feature_cls).eval()
     channels, reductions = features.feature_info.channels(), features.feature_info.reduction()
@@ -166,6 +169,7 @@ def test_fx_forward(name, monkeypatch):
     """timm's test_model_forward_fx: the traced model gives exactly the eager logits (with nn.Linear's kernel on
     both sides, as in test_features_only)."""
     monkeypatch.setenv(ONEDNN_LINEAR, "0")
+    monkeypatch.setenv(CPU_KERNELS, "0")
     model = build(name).eval()
     x = torch.randn(1, 3, *FWD_SIZE)
     with torch.no_grad():

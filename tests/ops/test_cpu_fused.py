@@ -291,3 +291,62 @@ def test_registered_flags():
     off = dataclasses.replace(backend, available=lambda: False)
     assert not off.admits(num_regions=49, topk=4, tokens_per_region=16, device=torch.device("cpu"), needs_grad=False)
     assert registry._BACKENDS["cpu_fused"] is backend
+
+
+# --- the depth-wise conv (position encoding, LCE) ---------------------------------------------------------------
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize(("channels", "height", "width"), [(64, 14, 14), (40, 9, 23), (16, 2, 3), (24, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_depthwise_kernel_matches_float64(kernel, channels, height, width, dtype):
+    from biformer.layers.depthwise import DepthwiseConv2d
+    from biformer.ops.depthwise import add_depthwise, depthwise_nhwc
+
+    conv = DepthwiseConv2d(channels, kernel)
+    x = torch.randn(2, channels + 8, height, width).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = x[:, 4 : 4 + channels]  # a channel slice: channels contiguous, not the whole tensor
+    expected = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=kernel // 2,
+                                          groups=channels)
+    with torch.no_grad():
+        fused = depthwise_nhwc(x.permute(0, 2, 3, 1), conv)  # (N, H, W, C)
+        summed = add_depthwise(x, conv)
+    assert fused.dtype == dtype and fused.is_contiguous() and summed.dtype == dtype
+    torch.testing.assert_close(fused.permute(0, 3, 1, 2).double(), expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(summed.double(), expected + x.double(), **TOLERANCE[dtype])
+
+
+def test_depthwise_paths_keep_the_plain_conv_where_the_kernel_does_not_apply():
+    from biformer.ops.depthwise import add_depthwise, depthwise_nhwc, plain_depthwise_parts
+
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    assert plain_depthwise_parts(conv) == (conv.weight, conv.bias)
+    for other in (torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), torch.nn.Conv2d(8, 8, 3, padding=1),
+                  torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"),
+                  torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)):
+        assert plain_depthwise_parts(other) is None
+    calls = []
+    conv.register_forward_hook(lambda *args: calls.append(1))
+    assert plain_depthwise_parts(conv) is None  # a hook sees its own call
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        add_depthwise(x, conv)
+        depthwise_nhwc(x.permute(0, 2, 3, 1), conv)
+    assert calls == [1, 1]
+    plain = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x.requires_grad_()
+    out = add_depthwise(x, plain)  # training: autograd's conv
+    assert out.grad_fn is not None and torch.equal(out, x + plain(x))
+
+
+def test_a_subclass_that_changes_the_forward_keeps_its_own_call():
+    from biformer.layers.depthwise import DepthwiseConv2d
+    from biformer.ops.depthwise import add_depthwise, plain_depthwise_parts
+
+    class Doubled(DepthwiseConv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    conv = Doubled(16, 3)
+    assert plain_depthwise_parts(DepthwiseConv2d(16, 3)) is not None and plain_depthwise_parts(conv) is None
+    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(add_depthwise(x, conv), x + conv(x))

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .._checks import check_feature_map, check_head_split, check_positive_int, check_topk_fits, check_unsupported
 from ..ops.backends import REGION_LAYOUT, Backend, BackendChoice, resolve_backend, runs_whole_batch
+from ..ops.depthwise import depthwise_nhwc
 from ..ops.functional import routed_attention, routed_attention_heads
 from ..ops.linear import linear
 from ..ops.qkv_heads import qkv_to_heads
@@ -196,11 +197,11 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
 
     def _local_context(self, value: torch.Tensor) -> torch.Tensor | None:
         """The LCE conv on V laid out as an image: (N, H, W, C) (a channel slice of the projection is fine) ->
-        contiguous (N, H, W, C)."""
+        contiguous (N, H, W, C); in CPU inference one pass of the fused depth-wise kernel
+        (:func:`~biformer.ops.depthwise.depthwise_nhwc`)."""
         if self.lepe is None:
             return None
-        value_image = value.permute(0, 3, 1, 2)  # (N, C, H, W), channels-last strides
-        return self.lepe(value_image).permute(0, 2, 3, 1).contiguous()  # a view when the conv keeps NHWC
+        return depthwise_nhwc(value, self.lepe)
 
     def _attend_region_layout(
         self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: Backend
@@ -224,9 +225,9 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
     def _attend_image_layout(
         self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: Backend
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused data flow (``cpu_fused``): the routing from one pass of region means over the projection, the
-        LCE conv on its V channels, then the backend's ``image_function`` reads q, k, v where they lie and writes
-        the attention output plus the LCE map in image order (no head-major copy)."""
+        """The fused data flow (``cpu_fused``): the routing from one pass of region means over the projection, then
+        the backend's ``image_function`` reads q, k, v where they lie and writes the attention output plus the LCE
+        of V in image order (no head-major copy)."""
         means = image_region_means(qkv[..., : 2 * self.qk_dim], grid_h, grid_w)  # (N, R, 2 * qk_dim)
         topk_index = route_regions(means[..., : self.qk_dim], means[..., self.qk_dim :], topk, self.scale)
         local_context = self._local_context(qkv[..., 2 * self.qk_dim :])

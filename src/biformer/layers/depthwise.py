@@ -18,6 +18,10 @@ class DepthwiseConv2d(nn.Conv2d):
     Shapes: (N, dim, H, W) -> (N, dim, H, W).
     """
 
+    # Its forward is nn.Conv2d's function (the fused CPU kernels may compute it in inference); a subclass that
+    # changes the forward does not inherit this declaration (it is read from the class's own body).
+    computes_plain_conv = True
+
     def __init__(self, dim: int, kernel_size: int, bias: bool = True) -> None:
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
 

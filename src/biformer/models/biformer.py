@@ -19,6 +19,7 @@ from ..layers import ATTENTION_TYPES, stage_token_mixer
 from ..layers.depthwise import DepthwiseConv2d
 from ..layers.downsample_conv import DownsampleConv2d
 from ..layers.token_mixers import check_attention_type, stage_defaults
+from ..ops.depthwise import add_depthwise
 from ..ops.linear import onednn_linear, runs_as_written, takes_onednn_path
 from ._base import checkpoint_filter_fn, default_cfgs, init_weights  # noqa: F401 (timm's register_model reads default_cfgs)
 from ._pyramid import (
@@ -159,7 +160,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
         if self.pos_embed is not None:
-            x = x + self.pos_embed(x)
+            x = add_depthwise(x, self.pos_embed)  # x + pos_embed(x); one fused pass in CPU inference
         x = x.permute(0, 2, 3, 1)  # (N, H, W, C)
         if self.pre_norm:
             x = x + self._scaled(self.attn(self.norm1(x)), self.gamma1)

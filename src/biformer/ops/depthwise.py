@@ -113,3 +113,72 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                 return DepthwiseConv2dFunction.apply(x, weight, bias)
         return DepthwiseConv2dFunction.apply(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+
+
+# --- inference on the fused CPU kernels --------------------------------------------------------------------------
+def plain_depthwise_parts(conv: object) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of ``conv`` when it is a plain depth-wise conv the fused CPU kernels compute exactly
+    (``nn.Conv2d``, or a class declaring ``computes_plain_conv = True`` in its own body such as
+    :class:`~biformer.layers.depthwise.DepthwiseConv2d`; groups = channels, an odd square kernel,
+    stride 1, padding ``k // 2``, no dilation, zero padding, no hooks, float32 parameters), else None."""
+    import torch.nn as nn
+
+    from .linear import runs_as_written
+
+    # nn.Conv2d itself, or a class that declares (in its own body, not inherited) that its forward is that conv
+    plain_class = type(conv) is nn.Conv2d or type(conv).__dict__.get("computes_plain_conv", False)
+    if not plain_class or not runs_as_written(conv):
+        return None
+    kernel = conv.kernel_size[0]
+    plain = (
+        conv.groups == conv.in_channels == conv.out_channels
+        and conv.kernel_size == (kernel, kernel) and kernel % 2 == 1
+        and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (kernel // 2, kernel // 2)
+        and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
+    )
+    return (conv.weight, conv.bias) if plain else None
+
+
+def _runs_kernel(nhwc: torch.Tensor) -> bool:
+    """Whether the fused depth-wise kernel computes a map (N, H, W, C) now: inference, CPU, float32 or bfloat16,
+    channels contiguous, kernels built, not traced."""
+    from .backends.cpu_fused import kernels_run
+
+    if is_tracing(nhwc) or torch.is_grad_enabled():
+        return False
+    return nhwc.dim() == 4 and nhwc.stride(3) == 1 and kernels_run(nhwc)
+
+
+def depthwise_nhwc(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+    """``conv`` on an NHWC map: one pass of the fused CPU kernel in inference where it runs (float32 arithmetic,
+    the result in x's dtype), else ``conv`` on the NCHW view.
+
+    Args:
+        x: (N, H, W, C) (a channel slice of a larger map is fine).
+        conv: a depth-wise conv keeping the map size.
+
+    Returns:
+        contiguous (N, H, W, C).
+    """
+    parts = None if is_tracing(x) or torch.is_grad_enabled() else plain_depthwise_parts(conv)
+    if parts is not None and _runs_kernel(x):
+        return torch.ops.biformer_cpu.depthwise_conv(x, *parts, False, None)
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()  # a view when the conv keeps NHWC
+
+
+def add_depthwise(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+    """``x + conv(x)`` (the models' position encoding), in one pass of the fused CPU kernel in inference where it
+    runs (float32 arithmetic; the sum keeps x's dtype, as ``x + conv(x)`` does under autocast), else as written.
+
+    Args:
+        x: (N, C, H, W), channels-last memory on the fast path.
+        conv: a depth-wise conv keeping the map size.
+
+    Returns:
+        (N, C, H, W), channels-last memory on the fast path.
+    """
+    parts = None if is_tracing(x) or torch.is_grad_enabled() else plain_depthwise_parts(conv)
+    if parts is None or x.dim() != 4 or not _runs_kernel(x.permute(0, 2, 3, 1)):
+        return x + conv(x)
+    nhwc = x.permute(0, 2, 3, 1)
+    return torch.ops.biformer_cpu.depthwise_conv(nhwc, *parts, True, None).permute(0, 3, 1, 2)

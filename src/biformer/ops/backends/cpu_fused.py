@@ -42,8 +42,8 @@ def fused_image_attention(
     qkv: torch.Tensor, topk_index: torch.Tensor, add_to: torch.Tensor | None, *, grid_h: int, grid_w: int,
     num_heads: int, qk_dim: int, scale: float,
 ) -> torch.Tensor:
-    """The BRA layer's entry: qkv (N, H, W, 2 * qk_dim + C) -> (N, H, W, C) (+ ``add_to``, same dtype), where
-    :func:`kernels_run` said yes for qkv."""
+    """The BRA layer's entry, where :func:`kernels_run` said yes for qkv: qkv (N, H, W, 2 * qk_dim + C) -> the
+    attention output in image order (N, H, W, C), plus ``add_to`` (N, H, W, C, qkv's dtype) when given."""
     return FusedImageAttention.apply(qkv, topk_index, add_to, grid_h, grid_w, num_heads, qk_dim, scale)
 
 

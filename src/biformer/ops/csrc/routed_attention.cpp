@@ -163,6 +163,169 @@ class Scratch {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
+// Depth-wise convolution on NHWC maps (stride 1, padding k // 2), inference: the models' position encoding with its
+// residual (x + conv(x)) and the local-context convs, in float32 arithmetic, one pass over the map.
+
+template <typename T>
+inline Vec load_vec(const T* p, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    return count == VL ? Vec::loadu(p) : Vec::loadu(p, count);
+  } else {
+    if (count == VL) {
+      Vec out;
+      at::vec::load_to_float<c10::BFloat16>(p, out);
+      return out;
+    }
+    float tmp[VL] = {};
+    for (int64_t i = 0; i < count; ++i) tmp[i] = to_float(p[i]);
+    return Vec::loadu(tmp);
+  }
+}
+
+template <typename T>
+inline void store_vec(T* p, const Vec& v, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, count);
+  } else {
+    float tmp[VL];
+    v.store(tmp);
+    for (int64_t i = 0; i < count; ++i) p[i] = static_cast<T>(tmp[i]);
+  }
+}
+
+// The weight (C, 1, k, k) as (k * k, c_pad) float32 rows, zero past C; the bias (c_pad) likewise.
+struct DepthwiseWeights {
+  std::vector<float> w, b;
+  int64_t k, c_pad;
+};
+
+DepthwiseWeights make_depthwise_weights(const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  DepthwiseWeights dw;
+  const int64_t C = weight.size(0);
+  dw.k = weight.size(3);
+  dw.c_pad = round_up(C, VL);
+  dw.w.assign(dw.k * dw.k * dw.c_pad, 0.f);
+  dw.b.assign(dw.c_pad, 0.f);
+  const auto wc = weight.contiguous().to(at::kFloat);
+  const float* src = wc.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < dw.k * dw.k; ++t) dw.w[t * dw.c_pad + c] = src[c * dw.k * dw.k + t];
+  if (bias.has_value()) {
+    const auto bc = bias->contiguous().to(at::kFloat);
+    std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + C, dw.b.begin());
+  }
+  return dw;
+}
+
+// acc (channels [c0, c0 + VL) of the map) += the conv at (y, x): `at(row, col)` points to channel c0 of a pixel.
+template <int K, typename T, typename At>
+inline Vec depthwise_point(const DepthwiseWeights& dw, int64_t c0, int64_t count, int64_t y, int64_t x, int64_t H,
+                           int64_t W, const At& at, Vec acc) {
+  const int64_t k = K ? K : dw.k, p = k / 2;
+  for (int64_t dy = 0; dy < k; ++dy) {
+    const int64_t yy = y + dy - p;
+    if (yy < 0 || yy >= H) continue;
+    for (int64_t dx = 0; dx < k; ++dx) {
+      const int64_t xx = x + dx - p;
+      if (xx < 0 || xx >= W) continue;
+      acc = at::vec::fmadd(Vec::loadu(dw.w.data() + (dy * k + dx) * dw.c_pad + c0), load_vec(at(yy, xx), count), acc);
+    }
+  }
+  return acc;
+}
+
+// XB output pixels of one row, away from the left and right borders: each input row is loaded once for the
+// K x XB products of that row (K + XB - 1 loads), the row's K weights once.
+template <int K, int XB, typename T>
+inline void depthwise_interior(const DepthwiseWeights& dw, const T* image, int64_t sh, int64_t sw, int64_t y,
+                               int64_t H, int64_t x0, int64_t c0, Vec* acc) {
+  constexpr int P = K / 2;
+  for (int dy = 0; dy < K; ++dy) {
+    const int64_t yy = y + dy - P;
+    if (yy < 0 || yy >= H) continue;
+    const T* row = image + yy * sh + (x0 - P) * sw + c0;
+    Vec in[XB + K - 1];
+    for (int j = 0; j < XB + K - 1; ++j) in[j] = load_vec(row + j * sw, VL);
+    for (int dx = 0; dx < K; ++dx) {
+      const Vec w = Vec::loadu(dw.w.data() + (dy * K + dx) * dw.c_pad + c0);
+      for (int j = 0; j < XB; ++j) acc[j] = at::vec::fmadd(w, in[j + dx], acc[j]);
+    }
+  }
+}
+
+template <int K, typename T>
+void depthwise_kernel(const at::Tensor& x, const DepthwiseWeights& dw, bool add_input,
+                      const c10::optional<at::Tensor>& add, const at::Tensor& out) {
+  constexpr int XB = K == 3 ? 8 : 4;
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t sn = x.stride(0), sh = x.stride(1), sw = x.stride(2), pad = (K ? K : dw.k) / 2;
+  const T* X = x.data_ptr<T>();
+  const T* A = add.has_value() ? add->data_ptr<T>() : nullptr;
+  T* O = out.data_ptr<T>();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ny = begin; ny < end; ++ny) {
+      const int64_t n = ny / H, y = ny % H;
+      const T* image = X + n * sn;
+      for (int64_t c0 = 0; c0 < C; c0 += VL) {
+        const int64_t count = std::min<int64_t>(VL, C - c0);
+        const auto at = [&](int64_t yy, int64_t xx) { return image + yy * sh + xx * sw + c0; };
+        const auto start = [&](int64_t xq) {  // bias, the input itself, the map to add
+          Vec acc = Vec::loadu(dw.b.data() + c0);
+          if (add_input) acc = acc + load_vec(at(y, xq), count);
+          if (A) acc = acc + load_vec(A + (ny * W + xq) * C + c0, count);
+          return acc;
+        };
+        int64_t xq = 0;
+        if constexpr (K > 0) {
+          if (count == VL) {
+            for (; xq < std::min(pad, W); ++xq) store_vec(O + (ny * W + xq) * C + c0,
+                                             depthwise_point<K, T>(dw, c0, count, y, xq, H, W, at, start(xq)), count);
+            for (; xq + XB + pad <= W; xq += XB) {
+              Vec acc[XB];
+              for (int j = 0; j < XB; ++j) acc[j] = start(xq + j);
+              depthwise_interior<K, XB, T>(dw, image, sh, sw, y, H, xq, c0, acc);
+              for (int j = 0; j < XB; ++j) store_vec(O + (ny * W + xq + j) * C + c0, acc[j], count);
+            }
+          }
+        }
+        for (; xq < W; ++xq)
+          store_vec(O + (ny * W + xq) * C + c0, depthwise_point<K, T>(dw, c0, count, y, xq, H, W, at, start(xq)),
+                    count);
+      }
+    }
+  });
+}
+
+at::Tensor depthwise_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          bool add_input, const c10::optional<at::Tensor>& add) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "x: expected an (N, H, W, C) map with contiguous channels");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(3) && weight.size(1) == 1 &&
+              weight.size(2) == weight.size(3) && weight.size(3) % 2 == 1,
+              "weight: expected (C, 1, k, k) with k odd for the map's C = ", x.size(3));
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == x.size(3)), "bias: expected (C,)");
+  auto out = at::empty({x.size(0), x.size(1), x.size(2), x.size(3)}, x.options());
+  if (add.has_value())
+    TORCH_CHECK(add->is_contiguous() && add->sizes() == out.sizes() && add->scalar_type() == x.scalar_type(),
+                "add: expected a contiguous map of the output's shape and dtype");
+  const DepthwiseWeights dw = make_depthwise_weights(weight, bias);
+  const auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    switch (dw.k) {
+      case 3: depthwise_kernel<3, T>(x, dw, add_input, add, out); break;
+      case 5: depthwise_kernel<5, T>(x, dw, add_input, add, out); break;
+      default: depthwise_kernel<0, T>(x, dw, add_input, add, out); break;
+    }
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(float());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x: expected float32 or bfloat16, got ", x.scalar_type());
+    run(c10::BFloat16());
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Micro-kernels (float32, register-blocked).
 
 // c[i][0:cols] = sum_d a[i][d] * b[d][0:cols] for ROWS rows; b row stride ldb, cols a multiple of VL.
@@ -296,10 +459,10 @@ inline void softmax_rows(float* s, int64_t ld, int64_t n, int64_t valid, float* 
   for (int i = 0; i < ROWS; ++i) sum[i] = reduce_sum(sv[i]);
 }
 
-// dst[0:n] = src[0:n] * scale (+ add[0:n]), rounded once to T.
-template <typename T>
-inline void store_row(T* dst, const float* src, int64_t n, float scale, const T* add) {
-  if constexpr (std::is_same_v<T, float>) {
+// dst[0:n] = src[0:n] * scale (+ add[0:n]), rounded once to T (add: T or float).
+template <typename T, typename A>
+inline void store_row(T* dst, const float* src, int64_t n, float scale, const A* add) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
     const Vec sv(scale);
     int64_t c = 0;
     for (; c + VL <= n; c += VL) {
@@ -1181,6 +1344,7 @@ TORCH_LIBRARY(biformer_cpu, m) {
   m.def("routed_attention_backward(Tensor query, Tensor key, Tensor value, Tensor topk_index, Tensor lse, "
         "Tensor grad_out, float scale, Tensor(a!) grad_query, Tensor(b!) grad_key, Tensor(c!) grad_value) -> ()");
   m.def("region_means(Tensor x) -> Tensor");
+  m.def("depthwise_conv(Tensor x, Tensor weight, Tensor? bias, bool add_input, Tensor? add) -> Tensor");
   m.def("set_bf16_dot_products(bool enabled) -> bool", &set_bf16_dot_products);
 }
 
@@ -1188,4 +1352,5 @@ TORCH_LIBRARY_IMPL(biformer_cpu, CPU, m) {
   m.impl("routed_attention_forward", &routed_attention_forward);
   m.impl("routed_attention_backward", &routed_attention_backward);
   m.impl("region_means", &region_means);
+  m.impl("depthwise_conv", &depthwise_conv);
 }
