@@ -234,21 +234,56 @@ inline Vec depthwise_point(const DepthwiseWeights& dw, int64_t c0, int64_t count
   return acc;
 }
 
-// XB output pixels of one row, away from the left and right borders: each input row is loaded once for the
-// K x XB products of that row (K + XB - 1 loads), the row's K weights once.
+// One image, one block of VL channels, all rows: input rows are copied once each into a ring of K zero-padded
+// float32 rows (p columns left, p + XB right; rows outside the map are zeros), so that every output pixel runs
+// the same products without bounds checks, XB pixels at a time, each ring row loaded once for the K x XB
+// products it feeds.
 template <int K, int XB, typename T>
-inline void depthwise_interior(const DepthwiseWeights& dw, const T* image, int64_t sh, int64_t sw, int64_t y,
-                               int64_t H, int64_t x0, int64_t c0, Vec* acc) {
-  constexpr int P = K / 2;
-  for (int dy = 0; dy < K; ++dy) {
-    const int64_t yy = y + dy - P;
-    if (yy < 0 || yy >= H) continue;
-    const T* row = image + yy * sh + (x0 - P) * sw + c0;
-    Vec in[XB + K - 1];
-    for (int j = 0; j < XB + K - 1; ++j) in[j] = load_vec(row + j * sw, VL);
-    for (int dx = 0; dx < K; ++dx) {
-      const Vec w = Vec::loadu(dw.w.data() + (dy * K + dx) * dw.c_pad + c0);
-      for (int j = 0; j < XB; ++j) acc[j] = at::vec::fmadd(w, in[j + dx], acc[j]);
+void depthwise_channels(const DepthwiseWeights& dw, const T* image, int64_t sh, int64_t sw, int64_t H, int64_t W,
+                        int64_t c0, int64_t count, float* ring, bool add_input, const T* add, T* out, int64_t C) {
+  const int64_t k = K ? K : dw.k, pad = k / 2, width = W + 2 * pad + XB;
+  const auto load_row = [&](int64_t yy) {  // input row yy into its ring slot
+    float* row = ring + ((yy + pad) % k) * width * VL;
+    if (yy < 0 || yy >= H) {
+      std::fill(row, row + width * VL, 0.f);
+      return;
+    }
+    std::fill(row, row + pad * VL, 0.f);
+    for (int64_t xi = 0; xi < W; ++xi) load_vec(image + yy * sh + xi * sw + c0, count).store(row + (xi + pad) * VL);
+    std::fill(row + (W + pad) * VL, row + width * VL, 0.f);
+  };
+  for (int64_t yy = -pad; yy < pad; ++yy) load_row(yy);
+  const Vec bias = Vec::loadu(dw.b.data() + c0);
+  for (int64_t y = 0; y < H; ++y) {
+    load_row(y + pad);
+    const float* rows[K ? K : 15];
+    for (int64_t dy = 0; dy < k; ++dy) rows[dy] = ring + ((y + dy) % k) * width * VL;
+    for (int64_t x0 = 0; x0 < W; x0 += XB) {
+      Vec acc[XB];
+      for (int j = 0; j < XB; ++j) acc[j] = bias;
+      if (add_input)
+        for (int j = 0; j < XB; ++j) acc[j] = acc[j] + Vec::loadu(rows[pad] + (x0 + j + pad) * VL);
+      for (int64_t dy = 0; dy < k; ++dy) {
+        const float* row = rows[dy] + x0 * VL;
+        if constexpr (K > 0) {  // the row's K + XB - 1 inputs loaded once for its K x XB products
+          Vec in[K + XB - 1];
+          for (int j = 0; j < K + XB - 1; ++j) in[j] = Vec::loadu(row + j * VL);
+          for (int dx = 0; dx < K; ++dx) {
+            const Vec w = Vec::loadu(dw.w.data() + (dy * K + dx) * dw.c_pad + c0);
+            for (int j = 0; j < XB; ++j) acc[j] = at::vec::fmadd(w, in[dx + j], acc[j]);
+          }
+        } else {
+          for (int64_t dx = 0; dx < k; ++dx) {
+            const Vec w = Vec::loadu(dw.w.data() + (dy * k + dx) * dw.c_pad + c0);
+            for (int j = 0; j < XB; ++j) acc[j] = at::vec::fmadd(w, Vec::loadu(row + (dx + j) * VL), acc[j]);
+          }
+        }
+      }
+      for (int j = 0; j < XB && x0 + j < W; ++j) {
+        const int64_t o = (y * W + x0 + j) * C + c0;
+        if (add) acc[j] = acc[j] + load_vec(add + o, count);
+        store_vec(out + o, acc[j], count);
+      }
     }
   }
 }
@@ -256,42 +291,20 @@ inline void depthwise_interior(const DepthwiseWeights& dw, const T* image, int64
 template <int K, typename T>
 void depthwise_kernel(const at::Tensor& x, const DepthwiseWeights& dw, bool add_input,
                       const c10::optional<at::Tensor>& add, const at::Tensor& out) {
-  constexpr int XB = K == 3 ? 8 : 4;
+  constexpr int XB = 8;
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  const int64_t sn = x.stride(0), sh = x.stride(1), sw = x.stride(2), pad = (K ? K : dw.k) / 2;
+  const int64_t sn = x.stride(0), sh = x.stride(1), sw = x.stride(2), k = K ? K : dw.k;
+  TORCH_CHECK(k <= 15, "weight: kernels up to 15 x 15, got ", k);
+  const int64_t blocks = (C + VL - 1) / VL;
   const T* X = x.data_ptr<T>();
   const T* A = add.has_value() ? add->data_ptr<T>() : nullptr;
   T* O = out.data_ptr<T>();
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ny = begin; ny < end; ++ny) {
-      const int64_t n = ny / H, y = ny % H;
-      const T* image = X + n * sn;
-      for (int64_t c0 = 0; c0 < C; c0 += VL) {
-        const int64_t count = std::min<int64_t>(VL, C - c0);
-        const auto at = [&](int64_t yy, int64_t xx) { return image + yy * sh + xx * sw + c0; };
-        const auto start = [&](int64_t xq) {  // bias, the input itself, the map to add
-          Vec acc = Vec::loadu(dw.b.data() + c0);
-          if (add_input) acc = acc + load_vec(at(y, xq), count);
-          if (A) acc = acc + load_vec(A + (ny * W + xq) * C + c0, count);
-          return acc;
-        };
-        int64_t xq = 0;
-        if constexpr (K > 0) {
-          if (count == VL) {
-            for (; xq < std::min(pad, W); ++xq) store_vec(O + (ny * W + xq) * C + c0,
-                                             depthwise_point<K, T>(dw, c0, count, y, xq, H, W, at, start(xq)), count);
-            for (; xq + XB + pad <= W; xq += XB) {
-              Vec acc[XB];
-              for (int j = 0; j < XB; ++j) acc[j] = start(xq + j);
-              depthwise_interior<K, XB, T>(dw, image, sh, sw, y, H, xq, c0, acc);
-              for (int j = 0; j < XB; ++j) store_vec(O + (ny * W + xq + j) * C + c0, acc[j], count);
-            }
-          }
-        }
-        for (; xq < W; ++xq)
-          store_vec(O + (ny * W + xq) * C + c0, depthwise_point<K, T>(dw, c0, count, y, xq, H, W, at, start(xq)),
-                    count);
-      }
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ring(k * (W + k + XB) * VL);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = (task % blocks) * VL;
+      depthwise_channels<K, XB, T>(dw, X + n * sn, sh, sw, H, W, c0, std::min<int64_t>(VL, C - c0), ring.data(),
+                                   add_input, A ? A + n * H * W * C : nullptr, O + n * H * W * C, C);
     }
   });
 }
