@@ -270,7 +270,8 @@ def chosen_backend(layer: torch.nn.Module, x: torch.Tensor, training: bool, dtyp
 
 
 def section_depthwise(rounds: int) -> None:
-    """Depth-wise conv forward + backward per stage shape: the plain conv against biformer's (training)."""
+    """Depth-wise conv forward + backward per stage shape: the plain conv against biformer's two training forms
+    (``DepthwiseConv2dFunction``, and the fused CPU kernel ``FusedDepthwiseConv`` where it is built)."""
     import torch.nn.functional as F
 
     try:
@@ -278,11 +279,20 @@ def section_depthwise(rounds: int) -> None:
     except ImportError:
         print("## Depth-wise convs: (this version of biformer has no biformer.ops.depthwise)\n")
         return
+    try:
+        from biformer.ops.cpu_kernels import kernels_available
+        from biformer.ops.depthwise import FusedDepthwiseConv
+
+        fused_available = kernels_available()
+    except ImportError:  # a version without the fused kernels
+        fused_available = False
     batch = 8
     print(f"## Depth-wise conv, forward + backward, channels-last, batch {batch}, ms per call\n")
-    print("Kernels of at least `FAST_BACKWARD_MIN_KERNEL` (5) take `DepthwiseConv2dFunction`; smaller ones keep "
-          "`F.conv2d`.\n")
-    print("| map, channels | kernel | dtype | `F.conv2d` (oneDNN backward) | `DepthwiseConv2dFunction` | ratio |")
+    print("In training, float32 kernels of 5 and 7 take the fused kernel where it is built, other kernels of at "
+          "least `FAST_BACKWARD_MIN_KERNEL` (5) `DepthwiseConv2dFunction`; the rest keep `F.conv2d`. `*` marks the "
+          "form training takes.\n")
+    print("| map, channels | kernel | dtype | `F.conv2d` (oneDNN backward) | `DepthwiseConv2dFunction` | "
+          "fused kernel |")
     print("|---|---|---|---|---|---|")
     for side, dim in ((56, 64), (28, 128), (14, 256), (7, 512)):
         for kernel, bf16 in ((3, False), (5, False), (3, True), (5, True)):
@@ -290,7 +300,6 @@ def section_depthwise(rounds: int) -> None:
             weight = torch.randn(dim, 1, kernel, kernel, requires_grad=True)
             bias = torch.randn(dim, requires_grad=True)
             grad = torch.randn(batch, dim, side, side).contiguous(memory_format=torch.channels_last)
-
 
             def plain(x=x, weight=weight, bias=bias, grad=grad, bf16=bf16) -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -302,10 +311,18 @@ def section_depthwise(rounds: int) -> None:
                 out = DepthwiseConv2dFunction.apply(x.to(dtype), weight.to(dtype), bias.to(dtype))
                 out.backward(grad.to(out.dtype))
 
-            seconds = interleaved_median({"plain": plain, "ours": ours}, rounds)
+            def fused(x=x, weight=weight, bias=bias, grad=grad, bf16=bf16) -> None:
+                dtype = torch.bfloat16 if bf16 else torch.float32  # the map in the dtype autocast gives it
+                out = FusedDepthwiseConv.apply(x.to(dtype).permute(0, 2, 3, 1), weight, bias, False)
+                out.backward(grad.to(out.dtype).permute(0, 2, 3, 1))
+
+            calls = {"plain": plain, "ours": ours} | ({"fused": fused} if fused_available else {})
+            seconds = interleaved_median(calls, rounds)
+            taken = "fused" if fused_available and kernel >= 5 and not bf16 else "ours" if kernel >= 5 else "plain"
+            cells = [f"{seconds[name] * 1e3:.2f}{' *' if name == taken else ''}" if name in seconds else "-"
+                     for name in ("plain", "ours", "fused")]
             dtype = "bf16 autocast" if bf16 else "fp32"
-            print(f"| {side}x{side}, {dim} | {kernel}x{kernel} | {dtype} | {seconds['plain'] * 1e3:.2f} | "
-                  f"{seconds['ours'] * 1e3:.2f} | {seconds['plain'] / seconds['ours']:.2f}x |", flush=True)
+            print(f"| {side}x{side}, {dim} | {kernel}x{kernel} | {dtype} | " + " | ".join(cells) + " |", flush=True)
     print()
 
 

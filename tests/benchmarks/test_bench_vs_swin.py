@@ -69,3 +69,31 @@ def test_layer_table_has_a_row_per_stage_mode_and_dtype_with_autos_choice_marked
         else:
             expected = "dense" if row.startswith("| 3 ") else "gather"
         assert marked == [expected], row
+
+
+def test_depthwise_table_marks_the_form_training_takes(bench, monkeypatch, capsys):
+    # Stubbed timings: the table's rows and its `*` (the form the library's training rule takes) are checked against
+    # the rule itself (biformer.ops.depthwise).
+    import torch
+
+    from biformer.layers.depthwise import DepthwiseConv2d
+    from biformer.ops.cpu_kernels import kernels_available
+    from biformer.ops.depthwise import depthwise_nhwc
+
+    monkeypatch.setattr(bench, "interleaved_median",
+                        lambda calls, rounds: {name: 0.001 * (i + 1) for i, name in enumerate(calls)})
+    bench.section_depthwise(rounds=1)
+    maps = ("| 56x", "| 28x", "| 14x", "| 7x")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(maps)]
+    assert len(rows) == 16
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        kernel, bf16 = int(cells[1][0]), cells[2] == "bf16 autocast"
+        marked = [name for name, cell in zip(("plain", "ours", "fused"), cells[3:], strict=True) if cell.endswith("*")]
+        conv = DepthwiseConv2d(16, kernel)
+        x = torch.randn(1, 6, 6, 16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            takes_fused = "FusedDepthwiseConv" in type(depthwise_nhwc(x, conv).grad_fn).__name__
+        expected = "fused" if takes_fused else "ours" if kernel >= 5 else "plain"
+        assert marked == [expected], row
+        assert takes_fused == (kernels_available() and kernel >= 5 and not bf16)

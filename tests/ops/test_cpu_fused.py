@@ -350,3 +350,41 @@ def test_a_subclass_that_changes_the_forward_keeps_its_own_call():
     x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(add_depthwise(x, conv), x + conv(x))
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_depthwise_backward_matches_float64(kernel, residual, dtype):
+    from biformer.ops.depthwise import FusedDepthwiseConv
+
+    weight, bias = torch.randn(40, 1, kernel, kernel, requires_grad=True), torch.randn(40, requires_grad=True)
+    x = torch.randn(2, 9, 11, 40).to(dtype).requires_grad_()  # NHWC
+    grad = torch.randn(2, 9, 11, 40).to(dtype)
+    out = FusedDepthwiseConv.apply(x, weight, bias, residual)
+    out.backward(grad)
+    x64 = x.detach().double().permute(0, 3, 1, 2).requires_grad_()
+    w64, b64 = (t.detach().double().requires_grad_() for t in (weight, bias))
+    expected = torch.nn.functional.conv2d(x64, w64, b64, padding=kernel // 2, groups=40) + (x64 if residual else 0)
+    expected.backward(grad.double().permute(0, 3, 1, 2))
+    sums = dict(atol=5e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)  # over 198 pixels
+    torch.testing.assert_close(out.double(), expected.permute(0, 2, 3, 1), **TOLERANCE[dtype])
+    torch.testing.assert_close(x.grad.double(), x64.grad.permute(0, 2, 3, 1), **TOLERANCE[dtype])
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    torch.testing.assert_close(weight.grad.double(), w64.grad, **sums)
+    torch.testing.assert_close(bias.grad.double(), b64.grad, **sums)
+
+
+def test_training_takes_the_kernel_for_float32_kernels_of_5_and_7_only():
+    from biformer.layers.depthwise import DepthwiseConv2d
+    from biformer.ops.depthwise import add_depthwise, depthwise_nhwc
+
+    for kernel, fused in ((3, False), (5, True), (7, True)):
+        conv = DepthwiseConv2d(16, kernel)
+        x = torch.randn(1, 6, 6, 16, requires_grad=True)
+        assert ("FusedDepthwiseConv" in type(depthwise_nhwc(x, conv).grad_fn).__name__) == fused
+        image = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+        summed = add_depthwise(image, conv)
+        assert ("FusedDepthwiseConv" in type(summed.grad_fn.next_functions[0][0]).__name__) == fused
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16 training keeps PyTorch's conv
+            assert "FusedDepthwiseConv" not in type(depthwise_nhwc(x, conv).grad_fn).__name__

@@ -139,19 +139,61 @@ def plain_depthwise_parts(conv: object) -> tuple[torch.Tensor, torch.Tensor | No
     return (conv.weight, conv.bias) if plain else None
 
 
-def _runs_kernel(nhwc: torch.Tensor) -> bool:
-    """Whether the fused depth-wise kernel computes a map (N, H, W, C) now: inference, CPU, float32 or bfloat16,
-    channels contiguous, kernels built, not traced."""
+def _runs_kernel(nhwc: torch.Tensor, conv: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The weight and bias of ``conv`` where the fused depth-wise kernel computes it on the map (N, H, W, C) now:
+    CPU, float32 or bfloat16, channels contiguous, kernels built, not traced; in training only float32 kernels of
+    5 and 7. Else None."""
     from .backends.cpu_fused import kernels_run
 
-    if is_tracing(nhwc) or torch.is_grad_enabled():
-        return False
-    return nhwc.dim() == 4 and nhwc.stride(3) == 1 and kernels_run(nhwc)
+    if is_tracing(nhwc):
+        return None
+    parts = plain_depthwise_parts(conv)
+    if parts is None or nhwc.dim() != 4 or nhwc.stride(3) != 1 or not kernels_run(nhwc):
+        return None
+    weight, bias = parts
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (nhwc, weight, bias))
+    if not needs_grad:
+        return parts
+    # training: float32 kernels of 5 and 7, where its forward + backward was measured faster than the other convs
+    # (benchmarks/bench_vs_swin.py, depth-wise table); 3x3 and bfloat16 keep PyTorch's conv and its backward
+    trains_faster = weight.shape[-1] in (5, 7) and nhwc.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return parts if trains_faster else None
+
+
+class FusedDepthwiseConv(torch.autograd.Function):
+    """conv(x) + bias (+ x with ``residual``) on an NHWC map with the fused CPU kernels, forward and backward:
+    the input gradient is the same kernel with the flipped weight (plus the gradient itself for the residual), the
+    weight and bias gradients one pass over the input and the output gradient (float32 sums). Shapes: x
+    (N, H, W, C) -> contiguous (N, H, W, C); weight (C, 1, k, k), bias (C,) or None."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        residual: bool,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.residual, ctx.has_bias = residual, bias is not None
+        return torch.ops.biformer_cpu.depthwise_conv(x, weight, bias, residual, None)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.biformer_cpu.depthwise_conv(grad, weight.flip(-2, -1), None, ctx.residual, None)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            grad_w, grad_b = torch.ops.biformer_cpu.depthwise_conv_weight_grad(x, grad.to(x.dtype), weight.shape[-1])
+            grad_w = grad_w.to(weight.dtype)
+            grad_b = grad_b.to(weight.dtype) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
 
 
 def depthwise_nhwc(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
-    """``conv`` on an NHWC map: one pass of the fused CPU kernel in inference where it runs (float32 arithmetic,
-    the result in x's dtype), else ``conv`` on the NCHW view.
+    """``conv`` on an NHWC map: the fused CPU kernel where it runs (float32 arithmetic, the result in x's dtype;
+    forward and backward), else ``conv`` on the NCHW view.
 
     Args:
         x: (N, H, W, C) (a channel slice of a larger map is fine).
@@ -160,15 +202,16 @@ def depthwise_nhwc(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
     Returns:
         contiguous (N, H, W, C).
     """
-    parts = None if is_tracing(x) or torch.is_grad_enabled() else plain_depthwise_parts(conv)
-    if parts is not None and _runs_kernel(x):
-        return torch.ops.biformer_cpu.depthwise_conv(x, *parts, False, None)
+    parts = _runs_kernel(x, conv)
+    if parts is not None:
+        return FusedDepthwiseConv.apply(x, *parts, False)
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()  # a view when the conv keeps NHWC
 
 
 def add_depthwise(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
-    """``x + conv(x)`` (the models' position encoding), in one pass of the fused CPU kernel in inference where it
-    runs (float32 arithmetic; the sum keeps x's dtype, as ``x + conv(x)`` does under autocast), else as written.
+    """``x + conv(x)`` (the models' position encoding), in one pass of the fused CPU kernel where it runs
+    (float32 arithmetic; the sum keeps x's dtype, as ``x + conv(x)`` does under autocast; forward and backward),
+    else as written.
 
     Args:
         x: (N, C, H, W), channels-last memory on the fast path.
@@ -177,8 +220,7 @@ def add_depthwise(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
     Returns:
         (N, C, H, W), channels-last memory on the fast path.
     """
-    parts = None if is_tracing(x) or torch.is_grad_enabled() else plain_depthwise_parts(conv)
-    if parts is None or x.dim() != 4 or not _runs_kernel(x.permute(0, 2, 3, 1)):
+    parts = None if is_tracing(x) or x.dim() != 4 else _runs_kernel(x.permute(0, 2, 3, 1), conv)
+    if parts is None:
         return x + conv(x)
-    nhwc = x.permute(0, 2, 3, 1)
-    return torch.ops.biformer_cpu.depthwise_conv(nhwc, *parts, True, None).permute(0, 3, 1, 2)
+    return FusedDepthwiseConv.apply(x.permute(0, 2, 3, 1), *parts, True).permute(0, 3, 1, 2)

@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <tuple>
 #include <memory>
 #include <atomic>
 #include <cstdint>
@@ -336,6 +337,91 @@ at::Tensor depthwise_conv(const at::Tensor& x, const at::Tensor& weight, const c
     run(c10::BFloat16());
   }
   return out;
+}
+
+// Gradients of the depth-wise conv's weight and bias: grad_w[c][dy][dx] = sum over images and pixels of
+// grad[n, y, x, c] * x[n, y + dy - p, x + dx - p, c] (zero outside the map), grad_b[c] = sum of grad[..., c]. Per
+// block of VL channels: the K x K sums stay in registers while every pixel of every image passes once (input
+// rows through the same zero-padded ring as the forward); float32 sums.
+template <int K, typename T>
+void depthwise_weight_grad_channels(const T* X, int64_t sn, int64_t sh, int64_t sw, const T* G, int64_t gn,
+                                    int64_t gh, int64_t gw, int64_t N, int64_t H, int64_t W, int64_t c0,
+                                    int64_t count, float* ring, float* grad_w, float* grad_b, int64_t c_pad) {
+  constexpr int64_t pad = K / 2;
+  const int64_t width = W + 2 * pad + 8;
+  Vec acc[K * K], bias_acc(0.f);
+  for (int t = 0; t < K * K; ++t) acc[t] = Vec(0.f);
+  for (int64_t n = 0; n < N; ++n) {
+    const T* image = X + n * sn;
+    const auto load_row = [&](int64_t yy) {
+      float* row = ring + ((yy + pad) % K) * width * VL;
+      if (yy < 0 || yy >= H) {
+        std::fill(row, row + width * VL, 0.f);
+        return;
+      }
+      std::fill(row, row + pad * VL, 0.f);
+      for (int64_t xi = 0; xi < W; ++xi) load_vec(image + yy * sh + xi * sw + c0, count).store(row + (xi + pad) * VL);
+      std::fill(row + (W + pad) * VL, row + width * VL, 0.f);
+    };
+    for (int64_t yy = -pad; yy < pad; ++yy) load_row(yy);
+    for (int64_t y = 0; y < H; ++y) {
+      load_row(y + pad);
+      const float* rows[K];
+      for (int64_t dy = 0; dy < K; ++dy) rows[dy] = ring + ((y + dy) % K) * width * VL;
+      const T* grow = G + n * gn + y * gh + c0;
+      for (int64_t x = 0; x < W; ++x) {
+        const Vec g = load_vec(grow + x * gw, count);
+        bias_acc = bias_acc + g;
+        for (int dy = 0; dy < K; ++dy)
+          for (int dx = 0; dx < K; ++dx)
+            acc[dy * K + dx] = at::vec::fmadd(g, Vec::loadu(rows[dy] + (x + dx) * VL), acc[dy * K + dx]);
+      }
+    }
+  }
+  for (int t = 0; t < K * K; ++t) acc[t].store(grad_w + t * c_pad + c0);
+  bias_acc.store(grad_b + c0);
+}
+
+std::tuple<at::Tensor, at::Tensor> depthwise_conv_weight_grad(const at::Tensor& x, const at::Tensor& grad,
+                                                              int64_t kernel) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "x: expected an (N, H, W, C) map with contiguous channels");
+  TORCH_CHECK(grad.dim() == 4 && grad.stride(3) == 1 && grad.sizes() == x.sizes() &&
+              grad.scalar_type() == x.scalar_type(), "grad: expected x's shape and dtype, channels contiguous");
+  TORCH_CHECK(kernel == 3 || kernel == 5 || kernel == 7, "kernel: expected 3, 5 or 7, got ", kernel);
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), c_pad = round_up(C, VL);
+  std::vector<float> grad_w(kernel * kernel * c_pad), grad_b(c_pad);
+  const int64_t blocks = c_pad / VL;
+  const auto run = [&](auto type_tag, auto k_tag) {
+    using T = decltype(type_tag);
+    constexpr int K = decltype(k_tag)::value;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> ring(K * (W + K + 8) * VL);
+      for (int64_t b = begin; b < end; ++b)
+        depthwise_weight_grad_channels<K, T>(x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2),
+                                             grad.data_ptr<T>(), grad.stride(0), grad.stride(1), grad.stride(2), N, H,
+                                             W, b * VL, std::min<int64_t>(VL, C - b * VL), ring.data(),
+                                             grad_w.data(), grad_b.data(), c_pad);
+    });
+  };
+  const auto by_kernel = [&](auto type_tag) {
+    if (kernel == 3) run(type_tag, std::integral_constant<int, 3>{});
+    else if (kernel == 5) run(type_tag, std::integral_constant<int, 5>{});
+    else run(type_tag, std::integral_constant<int, 7>{});
+  };
+  if (x.scalar_type() == at::kFloat) {
+    by_kernel(float());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x: expected float32 or bfloat16, got ", x.scalar_type());
+    by_kernel(c10::BFloat16());
+  }
+  auto weight = at::empty({C, 1, kernel, kernel}, x.options().dtype(at::kFloat));
+  auto bias = at::empty({C}, x.options().dtype(at::kFloat));
+  float* w = weight.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < kernel * kernel; ++t) w[c * kernel * kernel + t] = grad_w[t * c_pad + c];
+    bias.data_ptr<float>()[c] = grad_b[c];
+  }
+  return {weight, bias};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1358,6 +1444,7 @@ TORCH_LIBRARY(biformer_cpu, m) {
         "Tensor grad_out, float scale, Tensor(a!) grad_query, Tensor(b!) grad_key, Tensor(c!) grad_value) -> ()");
   m.def("region_means(Tensor x) -> Tensor");
   m.def("depthwise_conv(Tensor x, Tensor weight, Tensor? bias, bool add_input, Tensor? add) -> Tensor");
+  m.def("depthwise_conv_weight_grad(Tensor x, Tensor grad, int kernel) -> (Tensor, Tensor)");
   m.def("set_bf16_dot_products(bool enabled) -> bool", &set_bf16_dot_products);
 }
 
@@ -1366,4 +1453,5 @@ TORCH_LIBRARY_IMPL(biformer_cpu, CPU, m) {
   m.impl("routed_attention_backward", &routed_attention_backward);
   m.impl("region_means", &region_means);
   m.impl("depthwise_conv", &depthwise_conv);
+  m.impl("depthwise_conv_weight_grad", &depthwise_conv_weight_grad);
 }
