@@ -120,14 +120,14 @@ def test_image_entry_adds_the_map_and_writes_the_log_sum_exp(dtype):
     qkv = torch.randn(batch, height, width, 3 * heads * head_dim).to(dtype)
     add_to = torch.randn(batch, height, width, heads * head_dim).to(dtype)
     topk_index = random_routing(batch, 6, 2)
-    parts = kernels._image_parts(qkv, *grid, heads, heads * head_dim)
-    out = torch.empty_like(add_to)
-    lse = torch.empty(batch, heads, 6, 16)
-    torch.ops.biformer_cpu.routed_attention_forward(
-        *parts, topk_index, 0.25, kernels.image_view(add_to, *grid, heads), kernels.image_view(out, *grid, heads), lse
-    )
-    # the same in float64 through the head-major layout
-    query, key, value = (p.permute(5, 0, 1, 2, 3, 4, 6).flatten(2, 3).flatten(3, 4).double() for p in parts)
+    out, lse = torch.ops.biformer_cpu.image_attention_forward(qkv, topk_index, *grid, heads, heads * head_dim, 0.25,
+                                                              add_to, True)
+
+    def heads_of(part):  # (N, H, W, C) -> (heads, N, R, L, d) in float64
+        x = part.double().view(batch, grid[0], 4, grid[1], 4, heads, head_dim).permute(5, 0, 1, 3, 2, 4, 6)
+        return x.reshape(heads, batch, 6, 16, head_dim)
+
+    query, key, value = (heads_of(p) for p in qkv.split(heads * head_dim, dim=-1))
     expected = plain_heads(query, key, value, topk_index, 0.25)  # (heads, N, R, L, d)
     expected_image = expected.view(heads, batch, *grid, 4, 4, head_dim).permute(1, 2, 4, 3, 5, 0, 6)
     expected_image = expected_image.reshape(batch, height, width, heads * head_dim) + add_to.double()
@@ -139,12 +139,17 @@ def test_image_entry_adds_the_map_and_writes_the_log_sum_exp(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_region_means_match_torch(dtype):
-    x = torch.randn(2, 14, 21, 40).to(dtype)
-    means = kernels.region_means(x[..., 8:], 7, 7)  # a channel slice
-    expected = x[..., 8:].double().view(2, 7, 2, 7, 3, 32).mean((2, 4)).reshape(2, 49, 32)
-    assert means.shape == (2, 49, 32) and means.dtype == dtype
-    torch.testing.assert_close(means.double(), expected, **TOLERANCE[dtype])
+def test_the_routing_pass_matches_float64(dtype):
+    from biformer.ops.routing import route_projection
+
+    qkv = torch.randn(2, 14, 21, 3 * 32).to(dtype)
+    logits = torch.ops.biformer_cpu.region_logits(qkv, 7, 7, 32, 0.2)
+    means = qkv[..., :64].double().view(2, 7, 2, 7, 3, 64).mean((2, 4)).reshape(2, 49, 64)
+    expected = means[..., :32] @ means[..., 32:].transpose(1, 2) * 0.2
+    assert logits.shape == (2, 49, 49) and logits.dtype == torch.float32  # float32 whatever the input
+    torch.testing.assert_close(logits.double(), expected, atol=1e-5, rtol=1e-5)
+    expected_index = torch.topk(expected, 5, dim=-1).indices
+    assert torch.equal(route_projection(qkv, 7, 7, 32, 5, 0.2), expected_index)
 
 
 # --- the BRA layer ---------------------------------------------------------------------------------------------
@@ -180,20 +185,25 @@ def test_layer_matches_the_reference_backend_forward_and_backward(case):
 
 
 def test_layer_under_bf16_autocast_is_as_close_to_float64_as_the_gather_backend():
-    layer = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4, side_dwconv=5)
-    x = torch.randn(2, 28, 28, 64)
-    errors = {}
-    with torch.no_grad():
-        expected = layer.double()(x.double())
-        layer.float()
-        for backend in ("gather", "cpu_fused"):
-            layer.backend = backend
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                actual = layer(x)
-            assert actual.dtype == torch.bfloat16
-            errors[backend] = ((actual.double() - expected).norm() / expected.norm()).item()
+    # Routing near-ties flip either way from one draw to the next (bf16 projections), so the errors are averaged
+    # over a dozen layers and inputs (cpu_fused routes on float32 affinities, gather on bf16 ones).
+    errors = {"gather": [], "cpu_fused": []}
+    for seed in range(12):
+        torch.manual_seed(seed)
+        layer = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4, side_dwconv=5)
+        x = torch.randn(2, 28, 28, 64)
+        with torch.no_grad():
+            expected = layer.double()(x.double())
+            layer.float()
+            for backend in errors:
+                layer.backend = backend
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    actual = layer(x)
+                assert actual.dtype == torch.bfloat16
+                errors[backend].append(((actual.double() - expected).norm() / expected.norm()).item())
+    mean = {backend: sum(values) / len(values) for backend, values in errors.items()}
     # the projections' bf16 rounding dominates; the kernels' float32 arithmetic adds none of its own
-    assert errors["cpu_fused"] < 0.03 and errors["cpu_fused"] <= 1.05 * errors["gather"], errors
+    assert mean["cpu_fused"] < 0.03 and mean["cpu_fused"] <= 1.1 * mean["gather"], errors
 
 
 def test_auto_takes_the_kernels_on_cpu_in_float32_and_bfloat16_not_float64():

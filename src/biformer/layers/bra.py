@@ -16,13 +16,12 @@ from ..ops.qkv_heads import qkv_to_heads
 from ..ops.regions import (
     head_region_means,
     head_regions_to_image,
-    image_region_means,
     image_to_regions,
     is_symbolic,
     pad_bottom_right,
     regions_to_image,
 )
-from ..ops.routing import route_regions
+from ..ops.routing import route_projection, route_regions
 from .lepe import make_lepe
 from .qkv import QKVLinear
 
@@ -225,11 +224,10 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
     def _attend_image_layout(
         self, qkv: torch.Tensor, grid_h: int, grid_w: int, topk: int, backend: Backend
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused data flow (``cpu_fused``): the routing from one pass of region means over the projection, then
+        """The fused data flow (``cpu_fused``): the routing from one pass over the projection's q and k, then
         the backend's ``image_function`` reads q, k, v where they lie and writes the attention output plus the LCE
         of V in image order (no head-major copy)."""
-        means = image_region_means(qkv[..., : 2 * self.qk_dim], grid_h, grid_w)  # (N, R, 2 * qk_dim)
-        topk_index = route_regions(means[..., : self.qk_dim], means[..., self.qk_dim :], topk, self.scale)
+        topk_index = route_projection(qkv, grid_h, grid_w, self.qk_dim, topk, self.scale)  # (N, R, topk)
         local_context = self._local_context(qkv[..., 2 * self.qk_dim :])
         out = backend.image_function(
             qkv, topk_index, local_context, grid_h=grid_h, grid_w=grid_w, num_heads=self.num_heads,

@@ -158,31 +158,11 @@ def build_kernels() -> str:
 
 
 # --- views ----------------------------------------------------------------------------------------------------
-def image_view(x: torch.Tensor, grid_h: int, grid_w: int, num_heads: int) -> torch.Tensor:
-    """(N, H, W, heads * d) (a channel slice is fine) as the kernels' 7-D view
-    (N, grid_h, grid_w, region_h, region_w, heads, d), no copy."""
-    batch, height, width, channels = x.shape
-    view = x.view(batch, grid_h, height // grid_h, grid_w, width // grid_w, num_heads, channels // num_heads)
-    return view.permute(0, 1, 3, 2, 4, 5, 6)
-
-
 def heads_view(x: torch.Tensor) -> torch.Tensor:
     """Head-major (heads, N, R, L, d) as the kernels' 7-D view (N, R, 1, L, 1, heads, d), no copy (regions and
     tokens keep their numbering; the grid shape does not matter to the kernels)."""
     heads, batch, regions, tokens, head_dim = x.shape
     return x.view(heads, batch, regions, 1, tokens, 1, head_dim).permute(1, 2, 3, 4, 5, 0, 6)
-
-
-def region_means(x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Mean token of every region of an NHWC map (a channel slice is fine), in one pass; float32 sums.
-
-    Args:
-        x: (N, H, W, C), float32 or bfloat16, H and W multiples of the grid.
-
-    Returns:
-        (N, grid_h * grid_w, C) in x's dtype, not tracked by autograd (the routing is not differentiable).
-    """
-    return torch.ops.biformer_cpu.region_means(image_view(x.detach(), grid_h, grid_w, 1))
 
 
 # --- autograd ---------------------------------------------------------------------------------------------------
@@ -205,15 +185,11 @@ class FusedImageAttention(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, qkv: torch.Tensor, topk_index: torch.Tensor,
         add_to: torch.Tensor | None, grid_h: int, grid_w: int, num_heads: int, qk_dim: int, scale: float,
     ) -> torch.Tensor:
-        batch, height, width, channels = qkv.shape
-        parts = _image_parts(qkv, grid_h, grid_w, num_heads, qk_dim)
-        out = qkv.new_empty(batch, height, width, channels - 2 * qk_dim)
-        lse = _lse_like(parts[0], any(ctx.needs_input_grad))
-        torch.ops.biformer_cpu.routed_attention_forward(
-            *parts, topk_index, scale, None if add_to is None else image_view(add_to, grid_h, grid_w, num_heads),
-            image_view(out, grid_h, grid_w, num_heads), lse,
+        with_lse = any(ctx.needs_input_grad)
+        out, lse = torch.ops.biformer_cpu.image_attention_forward(
+            qkv, topk_index, grid_h, grid_w, num_heads, qk_dim, scale, add_to, with_lse
         )
-        if lse is not None:
+        if with_lse:
             ctx.save_for_backward(qkv, topk_index, lse)
             ctx.geometry = (grid_h, grid_w, num_heads, qk_dim, scale)
         return out
@@ -223,26 +199,31 @@ class FusedImageAttention(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None, None, None, None]:
         qkv, topk_index, lse = ctx.saved_tensors
-        grid_h, grid_w, num_heads, qk_dim, scale = ctx.geometry
-        grad_qkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)  # every element is written
-        torch.ops.biformer_cpu.routed_attention_backward(
-            *_image_parts(qkv, grid_h, grid_w, num_heads, qk_dim), topk_index, lse,
-            image_view(grad.contiguous(), grid_h, grid_w, num_heads), scale,
-            *_image_parts(grad_qkv, grid_h, grid_w, num_heads, qk_dim),
-        )
+        grad_qkv = torch.ops.biformer_cpu.image_attention_backward(qkv, topk_index, lse, grad, *ctx.geometry)
         grad_add_to = grad if ctx.needs_input_grad[2] else None
         return grad_qkv, None, grad_add_to, None, None, None, None, None
 
 
-def _image_parts(
-    qkv: torch.Tensor, grid_h: int, grid_w: int, num_heads: int, qk_dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The q, k and v channel slices of an (N, H, W, 2 * qk_dim + C) map as 7-D views."""
-    return (
-        image_view(qkv[..., :qk_dim], grid_h, grid_w, num_heads),
-        image_view(qkv[..., qk_dim : 2 * qk_dim], grid_h, grid_w, num_heads),
-        image_view(qkv[..., 2 * qk_dim :], grid_h, grid_w, num_heads),
+def image_attention(
+    qkv: torch.Tensor, topk_index: torch.Tensor, add_to: torch.Tensor | None, grid_h: int, grid_w: int,
+    num_heads: int, qk_dim: int, scale: float,
+) -> torch.Tensor:
+    """Routed attention from the BRA projection's output: qkv (N, H, W, 2 * qk_dim + C) -> (N, H, W, C)
+    (+ ``add_to``), through :class:`FusedImageAttention` where a backward may run, else one kernel call."""
+    if torch.is_grad_enabled() and (qkv.requires_grad or (add_to is not None and add_to.requires_grad)):
+        return FusedImageAttention.apply(qkv, topk_index, add_to, grid_h, grid_w, num_heads, qk_dim, scale)
+    out, _ = torch.ops.biformer_cpu.image_attention_forward(
+        qkv, topk_index, grid_h, grid_w, num_heads, qk_dim, scale, add_to, False
     )
+    return out
+
+
+def route_image(qkv: torch.Tensor, grid_h: int, grid_w: int, qk_dim: int, topk: int, scale: float) -> torch.Tensor:
+    """The BRA routing from the projection's output in one kernel pass (region means of q and k and their
+    affinities, float32), then ``torch.topk``: qkv (N, H, W, >= 2 * qk_dim) -> int64 (N, R, topk), by descending
+    affinity. Not differentiable (as the reference's routing)."""
+    logits = torch.ops.biformer_cpu.region_logits(qkv.detach(), grid_h, grid_w, qk_dim, scale)
+    return torch.topk(logits, k=topk, dim=-1).indices
 
 
 class FusedHeadAttention(torch.autograd.Function):

@@ -204,7 +204,7 @@ def depthwise_nhwc(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
     """
     parts = _runs_kernel(x, conv)
     if parts is not None:
-        return FusedDepthwiseConv.apply(x, *parts, False)
+        return _fused(x, *parts, residual=False)
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()  # a view when the conv keeps NHWC
 
 
@@ -223,4 +223,11 @@ def add_depthwise(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
     parts = None if is_tracing(x) or x.dim() != 4 else _runs_kernel(x.permute(0, 2, 3, 1), conv)
     if parts is None:
         return x + conv(x)
-    return FusedDepthwiseConv.apply(x.permute(0, 2, 3, 1), *parts, True).permute(0, 3, 1, 2)
+    return _fused(x.permute(0, 2, 3, 1), *parts, residual=True).permute(0, 3, 1, 2)
+
+
+def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: bool) -> torch.Tensor:
+    """The fused kernel on x (N, H, W, C): through autograd where a backward may run, else one call."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return FusedDepthwiseConv.apply(x, weight, bias, residual)
+    return torch.ops.biformer_cpu.depthwise_conv(x, weight, bias, residual, None)

@@ -228,26 +228,6 @@ class HeadRegionsToImage(torch.autograd.Function):
         return grad_x, None, None, None, None, grad_add_to
 
 
-def image_region_means(x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Mean token of every region of an NHWC map, without gradient (the routing's input).
-
-    One pass of the fused CPU kernel (:func:`biformer.ops.cpu_kernels.region_means`) where it runs (CPU, float32
-    or bfloat16, kernels built, not traced); else ``mean`` over a region view of ``x``.
-
-    Args:
-        x: (N, H, W, C) with H and W multiples of the grid (a channel slice is fine).
-
-    Returns:
-        (N, grid_h * grid_w, C) in x's dtype.
-    """
-    from .backends.cpu_fused import kernels_run
-    from .cpu_kernels import region_means
-
-    if kernels_run(x):
-        return region_means(x, grid_h, grid_w)
-    return image_to_regions(x.detach(), grid_h, grid_w).mean(dim=2)
-
-
 def head_region_means(x: torch.Tensor) -> torch.Tensor:
     """Mean token of every region, channels in the usual (heads * d) order.
 

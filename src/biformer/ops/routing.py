@@ -28,3 +28,30 @@ def routing_mask(topk_index: torch.Tensor, num_regions: int) -> torch.Tensor:
     batch, regions, _ = topk_index.shape
     mask = torch.zeros(batch, regions, num_regions, dtype=torch.bool, device=topk_index.device)
     return mask.scatter_(2, topk_index, True)
+
+
+def route_projection(qkv: torch.Tensor, grid_h: int, grid_w: int, qk_dim: int, topk: int, scale: float) -> torch.Tensor:
+    """:func:`route_regions` on the region means of the BRA projection's q and k channels.
+
+    One pass of the fused CPU kernel where it runs (means and affinities in float32; see
+    :func:`biformer.ops.cpu_kernels.route_image`), else the means over a region view and :func:`route_regions`.
+
+    Args:
+        qkv: (N, H, W, 2 * qk_dim + C), H and W multiples of the grid.
+        grid_h: regions per column.
+        grid_w: regions per row.
+        qk_dim: channels of q (and of k).
+        topk: regions kept per query region.
+        scale: multiplier of the affinity logits.
+
+    Returns:
+        int64 (N, grid_h * grid_w, topk).
+    """
+    from .backends.cpu_fused import kernels_run
+    from .cpu_kernels import route_image
+    from .regions import image_to_regions
+
+    if kernels_run(qkv):
+        return route_image(qkv, grid_h, grid_w, qk_dim, topk, scale)
+    means = image_to_regions(qkv[..., : 2 * qk_dim].detach(), grid_h, grid_w).mean(dim=2)  # (N, R, 2 * qk_dim)
+    return route_regions(means[..., :qk_dim], means[..., qk_dim:], topk, scale)

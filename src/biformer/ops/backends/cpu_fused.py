@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..._checks import is_tracing
-from ..cpu_kernels import SUPPORTED_DTYPES, FusedHeadAttention, FusedImageAttention, kernels_available
+from ..cpu_kernels import SUPPORTED_DTYPES, FusedHeadAttention, image_attention, kernels_available
 from .gather import gather_attention
 from .registry import register_backend
 
@@ -44,7 +44,7 @@ def fused_image_attention(
 ) -> torch.Tensor:
     """The BRA layer's entry, where :func:`kernels_run` said yes for qkv: qkv (N, H, W, 2 * qk_dim + C) -> the
     attention output in image order (N, H, W, C), plus ``add_to`` (N, H, W, C, qkv's dtype) when given."""
-    return FusedImageAttention.apply(qkv, topk_index, add_to, grid_h, grid_w, num_heads, qk_dim, scale)
+    return image_attention(qkv, topk_index, add_to, grid_h, grid_w, num_heads, qk_dim, scale)
 
 
 @register_backend(

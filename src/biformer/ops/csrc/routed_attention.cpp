@@ -1290,12 +1290,12 @@ void backward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // ---------------------------------------------------------------------------------------------------------------
 // Region means (the routing's region-level q and k).
 
-template <typename T>
+template <typename T, typename O = T>
 void region_means_kernel(const at::Tensor& x, const at::Tensor& out) {
   const int64_t N = x.size(0), gh = x.size(1), gw = x.size(2), rh = x.size(3), rw = x.size(4);
   const int64_t groups = x.size(5), d = x.size(6), channels = groups * d, R = gh * gw;
   const View xv = make_view(x);
-  T* o = out.data_ptr<T>();
+  O* o = out.data_ptr<O>();
   const float inv = 1.f / static_cast<float>(rh * rw);
   at::parallel_for(0, N * R, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(channels);
@@ -1312,9 +1312,14 @@ void region_means_kernel(const at::Tensor& x, const at::Tensor& out) {
             for (int64_t c = 0; c < d; ++c) dst[c] += to_float(src[c]);
           }
         }
-      for (int64_t c = 0; c < channels; ++c) o[nr * channels + c] = static_cast<T>(acc[c] * inv);
+      for (int64_t c = 0; c < channels; ++c) o[nr * channels + c] = static_cast<O>(acc[c] * inv);
     }
   });
+}
+
+template <typename T>
+void region_means_kernel_to_float(const at::Tensor& x, const at::Tensor& out) {
+  region_means_kernel<T, float>(x, out);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1412,16 +1417,96 @@ void routed_attention_backward(const at::Tensor& q, const at::Tensor& k, const a
   }
 }
 
-at::Tensor region_means(const at::Tensor& x) {
-  check_view(x, "x");
-  auto out = at::empty({x.size(0), x.size(1) * x.size(2), x.size(5) * x.size(6)}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    region_means_kernel<float>(x, out);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x: expected float32 or bfloat16, got ", x.scalar_type());
-    region_means_kernel<c10::BFloat16>(x, out);
+// --- entries on the BRA projection's NHWC output (the views made here: no Python in between) -----------------
+
+// (N, H, W, heads * d) (a channel slice is fine) as the 7-D view (N, gh, gw, rh, rw, heads, d).
+at::Tensor image_view(const at::Tensor& x, int64_t gh, int64_t gw, int64_t heads) {
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  return x.view({N, gh, H / gh, gw, W / gw, heads, C / heads}).permute({0, 1, 3, 2, 4, 5, 6});
+}
+
+std::array<at::Tensor, 3> image_parts(const at::Tensor& qkv, int64_t gh, int64_t gw, int64_t heads, int64_t qk) {
+  const int64_t C = qkv.size(3) - 2 * qk;
+  return {image_view(qkv.narrow(3, 0, qk), gh, gw, heads), image_view(qkv.narrow(3, qk, qk), gh, gw, heads),
+          image_view(qkv.narrow(3, 2 * qk, C), gh, gw, heads)};
+}
+
+void check_image(const at::Tensor& qkv, int64_t gh, int64_t gw, int64_t heads, int64_t qk) {
+  TORCH_CHECK(qkv.dim() == 4 && qkv.stride(3) == 1, "qkv: expected an (N, H, W, 2 * qk_dim + C) map, channels contiguous");
+  TORCH_CHECK(gh > 0 && gw > 0 && qkv.size(1) % gh == 0 && qkv.size(2) % gw == 0,
+              "qkv: H and W must be multiples of the grid, got ", qkv.size(1), " x ", qkv.size(2), " for ", gh, " x ", gw);
+  TORCH_CHECK(heads > 0 && qk > 0 && qk % heads == 0 && (qkv.size(3) - 2 * qk) > 0 && (qkv.size(3) - 2 * qk) % heads == 0,
+              "qkv: expected 2 * qk_dim + C channels with qk_dim and C multiples of the heads");
+}
+
+std::tuple<at::Tensor, at::Tensor> image_attention_forward(const at::Tensor& qkv, const at::Tensor& topk_index,
+                                                           int64_t gh, int64_t gw, int64_t heads, int64_t qk,
+                                                           double scale, const c10::optional<at::Tensor>& add_to,
+                                                           bool with_lse) {
+  check_image(qkv, gh, gw, heads, qk);
+  const int64_t N = qkv.size(0), H = qkv.size(1), W = qkv.size(2), C = qkv.size(3) - 2 * qk;
+  auto out = at::empty({N, H, W, C}, qkv.options());
+  at::Tensor lse = with_lse ? at::empty({N, heads, gh * gw, (H / gh) * (W / gw)}, qkv.options().dtype(at::kFloat))
+                            : at::empty({0}, qkv.options().dtype(at::kFloat));
+  const auto parts = image_parts(qkv, gh, gw, heads, qk);
+  c10::optional<at::Tensor> add;
+  if (add_to.has_value()) {
+    TORCH_CHECK(add_to->sizes() == out.sizes() && add_to->stride(3) == 1, "add_to: expected an (N, H, W, C) map");
+    add = image_view(*add_to, gh, gw, heads);
   }
-  return out;
+  routed_attention_forward(parts[0], parts[1], parts[2], topk_index, scale, add, image_view(out, gh, gw, heads),
+                           with_lse ? c10::optional<at::Tensor>(lse) : c10::nullopt);
+  return {out, lse};
+}
+
+at::Tensor image_attention_backward(const at::Tensor& qkv, const at::Tensor& topk_index, const at::Tensor& lse,
+                                    const at::Tensor& grad, int64_t gh, int64_t gw, int64_t heads, int64_t qk,
+                                    double scale) {
+  check_image(qkv, gh, gw, heads, qk);
+  auto grad_qkv = at::empty(qkv.sizes(), qkv.options());  // every element is written
+  const auto parts = image_parts(qkv, gh, gw, heads, qk);
+  const auto grads = image_parts(grad_qkv, gh, gw, heads, qk);
+  const auto g = grad.stride(3) == 1 ? grad : grad.contiguous();
+  routed_attention_backward(parts[0], parts[1], parts[2], topk_index, lse, image_view(g, gh, gw, heads), scale,
+                            grads[0], grads[1], grads[2]);
+  return grad_qkv;
+}
+
+// The routing's affinities from the projection in one pass: the float32 means of each region's q and k channels,
+// then logits[n, r, s] = scale * mean_q[n, r] . mean_k[n, s] in float32. (N, H, W, 2 * qk_dim + C) -> (N, R, R).
+at::Tensor region_logits(const at::Tensor& qkv, int64_t gh, int64_t gw, int64_t qk, double scale_d) {
+  TORCH_CHECK(qkv.dim() == 4 && qkv.stride(3) == 1 && qkv.size(3) >= 2 * qk && qk > 0,
+              "qkv: expected an (N, H, W, >= 2 * qk_dim) map, channels contiguous");
+  TORCH_CHECK(gh > 0 && gw > 0 && qkv.size(1) % gh == 0 && qkv.size(2) % gw == 0, "qkv: H and W must be multiples of the grid");
+  const int64_t N = qkv.size(0), R = gh * gw, qk_pad = round_up(qk, VL);
+  auto means = at::empty({N, R, 2 * qk}, qkv.options().dtype(at::kFloat));
+  const auto view = image_view(qkv.narrow(3, 0, 2 * qk), gh, gw, 1);
+  if (qkv.scalar_type() == at::kFloat) {
+    region_means_kernel<float>(view, means);
+  } else {
+    TORCH_CHECK(qkv.scalar_type() == at::kBFloat16, "qkv: expected float32 or bfloat16, got ", qkv.scalar_type());
+    region_means_kernel_to_float<c10::BFloat16>(view, means);
+  }
+  auto logits = at::empty({N, R, R}, qkv.options().dtype(at::kFloat));
+  const float* M = means.data_ptr<float>();
+  float* O = logits.data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  at::parallel_for(0, N * R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(qk_pad, 0.f);
+    for (int64_t nr = begin; nr < end; ++nr) {
+      const int64_t n = nr / R;
+      std::copy(M + nr * 2 * qk, M + nr * 2 * qk + qk, q.begin());
+      for (int64_t s = 0; s < R; ++s) {
+        const float* k = M + (n * R + s) * 2 * qk + qk;
+        Vec acc(0.f);
+        int64_t c = 0;
+        for (; c + VL <= qk; c += VL) acc = at::vec::fmadd(Vec::loadu(q.data() + c), Vec::loadu(k + c), acc);
+        if (c < qk) acc = at::vec::fmadd(Vec::loadu(q.data() + c, qk - c), Vec::loadu(k + c, qk - c), acc);
+        O[nr * R + s] = scale * reduce_sum(acc);
+      }
+    }
+  });
+  return logits;
 }
 
 // Turn the bfloat16 dot-product kernels on or off; returns whether they are compiled in (the setting is ignored
@@ -1442,16 +1527,22 @@ TORCH_LIBRARY(biformer_cpu, m) {
         "Tensor? add_to, Tensor(a!) out, Tensor(b!)? lse) -> ()");
   m.def("routed_attention_backward(Tensor query, Tensor key, Tensor value, Tensor topk_index, Tensor lse, "
         "Tensor grad_out, float scale, Tensor(a!) grad_query, Tensor(b!) grad_key, Tensor(c!) grad_value) -> ()");
-  m.def("region_means(Tensor x) -> Tensor");
   m.def("depthwise_conv(Tensor x, Tensor weight, Tensor? bias, bool add_input, Tensor? add) -> Tensor");
   m.def("depthwise_conv_weight_grad(Tensor x, Tensor grad, int kernel) -> (Tensor, Tensor)");
+  m.def("image_attention_forward(Tensor qkv, Tensor topk_index, int grid_h, int grid_w, int heads, int qk_dim, "
+        "float scale, Tensor? add_to, bool with_lse) -> (Tensor, Tensor)");
+  m.def("image_attention_backward(Tensor qkv, Tensor topk_index, Tensor lse, Tensor grad, int grid_h, int grid_w, "
+        "int heads, int qk_dim, float scale) -> Tensor");
+  m.def("region_logits(Tensor qkv, int grid_h, int grid_w, int qk_dim, float scale) -> Tensor");
   m.def("set_bf16_dot_products(bool enabled) -> bool", &set_bf16_dot_products);
 }
 
 TORCH_LIBRARY_IMPL(biformer_cpu, CPU, m) {
   m.impl("routed_attention_forward", &routed_attention_forward);
   m.impl("routed_attention_backward", &routed_attention_backward);
-  m.impl("region_means", &region_means);
   m.impl("depthwise_conv", &depthwise_conv);
   m.impl("depthwise_conv_weight_grad", &depthwise_conv_weight_grad);
+  m.impl("image_attention_forward", &image_attention_forward);
+  m.impl("image_attention_backward", &image_attention_backward);
+  m.impl("region_logits", &region_logits);
 }
