@@ -26,6 +26,18 @@ def is_tracing(x: object = None) -> bool:
     )
 
 
+def is_exporting(x: object = None) -> bool:
+    """Whether a graph that may hold only PyTorch's own operators is being made: ``torch.jit.trace``,
+    ``torch.export`` (and the ONNX exporters), a ``torch.fx`` symbolic trace (``x`` is a ``Proxy``). Unlike
+    :func:`is_tracing`, False under ``torch.compile``, whose graphs may call this library's compiled operators."""
+    if isinstance(x, torch.fx.Proxy):
+        return True
+    if torch.jit.is_scripting():
+        return False
+    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return torch.jit.is_tracing() or (exporting is not None and exporting()) or torch.onnx.is_in_onnx_export()
+
+
 def check_feature_map(x: object, *, name: str, layout: str, channels: int) -> None:
     """Check that ``x`` is a floating-point 4-D map with ``channels`` channels in ``layout``.
 

@@ -278,10 +278,50 @@ def test_missing_tools_are_named(monkeypatch):
     assert kernels.missing_tools() == "no C++ compiler ('no-such-compiler-here' is not on PATH; set CXX or install g++)"
 
 
-def test_auto_skips_the_kernels_while_compiling(monkeypatch):
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+def test_auto_takes_the_kernels_under_compile_but_not_while_exporting(monkeypatch):
     sizes = dict(num_regions=49, topk=16, tokens_per_region=4, device=torch.device("cpu"), needs_grad=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert select_backend(**sizes, dtype=torch.float32) == "cpu_fused"
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     assert select_backend(**sizes, dtype=torch.float32) == "dense"
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_compiled_graphs_call_the_kernels_and_match_eager(training):
+    import torch._dynamo
+    from torch._inductor.compile_fx import compile_fx
+
+    import biformer
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_inductor(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return compile_fx(graph_module, example_inputs)
+
+    torch.manual_seed(0)
+    model = biformer.BiFormer(
+        depth=[1, 1, 1, 1], embed_dim=[16, 32, 32, 32], qk_dims=[16, 32, 32, 32], head_dim=16, n_win=2,
+        topks=[1, 2, 4, -2], mlp_ratios=[2, 2, 2, 2], num_classes=5, side_dwconv=5,
+    ).train(training)
+    images = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, backend=recording_inductor, fullgraph=True, dynamic=False)
+    with torch.set_grad_enabled(training):
+        out = compiled(images)
+        expected = model(images)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    modules = [module for graph in graphs for module in graph.modules() if isinstance(module, torch.fx.GraphModule)]
+    targets = {str(node.target) for module in modules for node in module.graph.nodes}  # autograd's bodies too
+    assert any("image_attention_forward" in target for target in targets)
+    assert any("depthwise_conv" in target for target in targets)  # inference: both convs; training: the 5x5 LCE
+    if training:
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        expected.square().sum().backward()
+        for actual, reference in zip(grads, (p.grad for p in model.parameters())):
+            torch.testing.assert_close(actual, reference, atol=1e-4, rtol=1e-4)
 
 
 def test_the_kernels_refuse_out_of_range_indices():

@@ -109,6 +109,46 @@ def _build() -> None:
         print(f"biformer: building the fused CPU attention kernels once for torch {torch.__version__} "
               f"({cpu_capability()}) in {directory} (about 30 s)", file=sys.stderr, flush=True)
     load(name=name, sources=[str(SOURCE)], extra_cflags=_compile_flags(), is_python_module=False, verbose=False)
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Output shapes of the operators for ``torch.compile`` (its graphs call them like PyTorch's own)."""
+    from torch.library import register_fake
+
+    def image_attention_forward(
+        qkv: torch.Tensor, topk_index: torch.Tensor, grid_h: int, grid_w: int, heads: int, qk_dim: int, scale: float,
+        add_to: torch.Tensor | None, with_lse: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, height, width, channels = qkv.shape
+        tokens = (height // grid_h) * (width // grid_w)
+        lse_shape = (batch, heads, grid_h * grid_w, tokens) if with_lse else (0,)
+        return qkv.new_empty(batch, height, width, channels - 2 * qk_dim), qkv.new_empty(lse_shape, dtype=torch.float32)
+
+    def image_attention_backward(
+        qkv: torch.Tensor, topk_index: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, grid_h: int, grid_w: int,
+        heads: int, qk_dim: int, scale: float,
+    ) -> torch.Tensor:
+        return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+    def region_logits(qkv: torch.Tensor, grid_h: int, grid_w: int, qk_dim: int, scale: float) -> torch.Tensor:
+        regions = grid_h * grid_w
+        return qkv.new_empty(qkv.shape[0], regions, regions, dtype=torch.float32)
+
+    def depthwise_conv(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add_input: bool, add: torch.Tensor | None
+    ) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
+    def depthwise_conv_weight_grad(
+        x: torch.Tensor, grad: torch.Tensor, kernel: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        channels = x.shape[-1]
+        return x.new_empty(channels, 1, kernel, kernel, dtype=torch.float32), x.new_empty(channels, dtype=torch.float32)
+
+    for function in (image_attention_forward, image_attention_backward, region_logits, depthwise_conv,
+                     depthwise_conv_weight_grad):
+        register_fake(f"biformer_cpu::{function.__name__}", function)
 
 
 @functools.cache
@@ -136,6 +176,10 @@ def kernels_available() -> bool:
         raise RuntimeError(f"{ENV_VARIABLE}=1: the fused CPU kernels could not be built: {reason}")
     _warn_once(reason)
     return False
+
+
+# kernels_available() as torch.compile sees it: evaluated once while tracing, its answer a constant of the graph
+kernels_ready = torch.compiler.assume_constant_result(kernels_available)
 
 
 @functools.cache

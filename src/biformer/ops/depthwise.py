@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import is_tracing
+from .._checks import is_exporting, is_tracing
 
 # The smallest kernel that takes this backward. Measured (benchmarks/bench_vs_swin.py, depth-wise conv table, one
 # thread, batch 8, biformer_small's stage shapes): 5x5 1.05-2.2x faster in float32 and 4.4-6x in bfloat16 than
@@ -145,7 +145,7 @@ def _runs_kernel(nhwc: torch.Tensor, conv: torch.nn.Module) -> tuple[torch.Tenso
     5 and 7. Else None."""
     from .backends.cpu_fused import kernels_run
 
-    if is_tracing(nhwc):
+    if is_exporting(nhwc):
         return None
     parts = plain_depthwise_parts(conv)
     if parts is None or nhwc.dim() != 4 or nhwc.stride(3) != 1 or not kernels_run(nhwc):
@@ -220,7 +220,7 @@ def add_depthwise(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
     Returns:
         (N, C, H, W), channels-last memory on the fast path.
     """
-    parts = None if is_tracing(x) or x.dim() != 4 else _runs_kernel(x.permute(0, 2, 3, 1), conv)
+    parts = None if is_exporting(x) or x.dim() != 4 else _runs_kernel(x.permute(0, 2, 3, 1), conv)
     if parts is None:
         return x + conv(x)
     return _fused(x.permute(0, 2, 3, 1), *parts, residual=True).permute(0, 3, 1, 2)

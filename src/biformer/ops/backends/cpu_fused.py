@@ -7,34 +7,39 @@ writes the output in image order with the local-context map added. Its backward 
 saved log-sum-exp (no score tensor kept) and is deterministic. float32 and bfloat16 (float32 arithmetic).
 
 Where the kernels cannot run (another device or dtype, kernels switched off or not buildable on this machine,
-``torch.compile`` / export / tracing) the backend computes the same function with ``gather``.
+export / tracing, symbolic image sizes) the backend computes the same function with ``gather``. Under
+``torch.compile`` the kernels are operators of the graph (their shapes are known at compile time).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..._checks import is_tracing
-from ..cpu_kernels import SUPPORTED_DTYPES, FusedHeadAttention, image_attention, kernels_available
+from ..._checks import is_exporting
+from ..cpu_kernels import SUPPORTED_DTYPES, FusedHeadAttention, image_attention, kernels_ready
 from .gather import gather_attention
 from .registry import register_backend
 
 
 def kernels_usable() -> bool:
-    """Whether ``auto`` may pick the kernels now: not tracing or compiling, and built (the first call may build
-    them, see :mod:`biformer.ops.cpu_kernels`)."""
-    return not is_tracing() and kernels_available()
+    """Whether ``auto`` may pick the kernels now: not while exporting or tracing a graph that must hold only
+    PyTorch's operators (``torch.compile`` may: the operators have compile-time shapes), and built (the first call
+    may build them, see :mod:`biformer.ops.cpu_kernels`)."""
+    return not is_exporting() and kernels_ready()
 
 
 def kernels_run(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels (rather than the fallback) compute a call on these tensors."""
+    """Whether the kernels (rather than the fallback) compute a call on these tensors: CPU, one float32 or bfloat16
+    dtype, not exported or traced, static sizes but the batch (a symbolic image size under ``torch.compile``
+    keeps the PyTorch backends), kernels built."""
     first = tensors[0]
     return (
-        first.device.type == "cpu"
+        not is_exporting(first)
+        and first.device.type == "cpu"
         and first.dtype in SUPPORTED_DTYPES
         and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
-        and not is_tracing(first)
-        and kernels_available()
+        and not any(isinstance(size, torch.SymInt) for size in first.shape[1:])
+        and kernels_ready()
     )
 
 
