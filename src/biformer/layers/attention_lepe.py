@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .._checks import check_feature_map, check_head_split, check_positive_int
 from ..ops.attention_form import explicit_attention_is_faster
+from ..ops.depthwise import depthwise_nhwc
 from ..ops.linear import linear
 from .lepe import make_lepe
 
@@ -75,7 +76,7 @@ class AttentionLePE(_GlobalAttentionLePE):
         out = _attention(query, key, value, self.scale)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)  # (N, H, W, C)
         if self.lepe is not None:
-            out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            out = out + depthwise_nhwc(x, self.lepe)  # the fused depth-wise kernel in CPU inference
         return linear(out, self.proj)
 
 

@@ -228,11 +228,11 @@ class BiLevelRoutingAttention(BackendChoice, nn.Module):
         the backend's ``image_function`` reads q, k, v where they lie and writes the attention output plus the LCE
         of V in image order (no head-major copy)."""
         topk_index = route_projection(qkv, grid_h, grid_w, self.qk_dim, topk, self.scale)  # (N, R, topk)
-        local_context = self._local_context(qkv[..., 2 * self.qk_dim :])
-        out = backend.image_function(
-            qkv, topk_index, local_context, grid_h=grid_h, grid_w=grid_w, num_heads=self.num_heads,
-            qk_dim=self.qk_dim, scale=self.scale,
-        )  # (N, H, W, C)
+        geometry = dict(grid_h=grid_h, grid_w=grid_w, num_heads=self.num_heads, qk_dim=self.qk_dim, scale=self.scale)
+        if backend.fuses_local_conv is not None and backend.fuses_local_conv(self.lepe):
+            out = backend.image_function(qkv, topk_index, None, local_conv=self.lepe, **geometry)  # (N, H, W, C)
+        else:
+            out = backend.image_function(qkv, topk_index, self._local_context(qkv[..., 2 * self.qk_dim :]), **geometry)
         return out, topk_index
 
     def _attend_head_layout(

@@ -127,7 +127,7 @@ def _register_fakes() -> None:
 
     def image_attention_backward(
         qkv: torch.Tensor, topk_index: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, grid_h: int, grid_w: int,
-        heads: int, qk_dim: int, scale: float,
+        heads: int, qk_dim: int, scale: float, add_v: torch.Tensor | None,
     ) -> torch.Tensor:
         return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
@@ -218,44 +218,71 @@ def _lse_like(query7: torch.Tensor, needed: bool) -> torch.Tensor | None:
 
 
 class FusedImageAttention(torch.autograd.Function):
-    """Routed attention straight from the BRA projection's output, back in image order.
+    """Routed attention straight from the BRA projection's output, back in image order, with the local context.
 
-    qkv (N, H, W, 2 * qk_dim + C) -> (N, H, W, C), plus ``add_to`` (N, H, W, C) when given. The gradient of qkv
-    is one tensor whose q, k and v channels the backward kernel writes directly.
+    qkv (N, H, W, 2 * qk_dim + C) -> (N, H, W, C), plus ``add_to`` (N, H, W, C) when given, or plus the LCE conv
+    (``local_weight`` (C, 1, k, k), k of 3, 5 or 7, ``local_bias`` (C,) or None) of the value channels computed by
+    the fused depth-wise kernel. The gradient of qkv is one tensor: the backward kernel writes its q, k and v
+    channels and the LCE's input gradient is added to its value channels in place (no zero-filled copy for the
+    value slice, as autograd would make).
     """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx, qkv: torch.Tensor, topk_index: torch.Tensor,
-        add_to: torch.Tensor | None, grid_h: int, grid_w: int, num_heads: int, qk_dim: int, scale: float,
+        add_to: torch.Tensor | None, local_weight: torch.Tensor | None, local_bias: torch.Tensor | None,
+        grid_h: int, grid_w: int, num_heads: int, qk_dim: int, scale: float,
     ) -> torch.Tensor:
+        if local_weight is not None:
+            add_to = torch.ops.biformer_cpu.depthwise_conv(qkv[..., 2 * qk_dim :], local_weight, local_bias, False,
+                                                          None)
         with_lse = any(ctx.needs_input_grad)
         out, lse = torch.ops.biformer_cpu.image_attention_forward(
             qkv, topk_index, grid_h, grid_w, num_heads, qk_dim, scale, add_to, with_lse
         )
         if with_lse:
-            ctx.save_for_backward(qkv, topk_index, lse)
+            ctx.save_for_backward(qkv, topk_index, lse, local_weight)
             ctx.geometry = (grid_h, grid_w, num_heads, qk_dim, scale)
+            ctx.has_bias = local_bias is not None
         return out
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None, None, None, None]:
-        qkv, topk_index, lse = ctx.saved_tensors
-        grad_qkv = torch.ops.biformer_cpu.image_attention_backward(qkv, topk_index, lse, grad, *ctx.geometry)
+    ) -> tuple[torch.Tensor | None, ...]:
+        qkv, topk_index, lse, local_weight = ctx.saved_tensors
+        qk_dim = ctx.geometry[3]
+        grad = grad.contiguous()
+        grad_value = grad_weight = grad_bias = None
+        if local_weight is not None:
+            if ctx.needs_input_grad[0]:
+                grad_value = torch.ops.biformer_cpu.depthwise_conv(grad, local_weight.flip(-2, -1), None, False, None)
+            if ctx.needs_input_grad[3] or (ctx.has_bias and ctx.needs_input_grad[4]):
+                grad_weight, grad_bias = torch.ops.biformer_cpu.depthwise_conv_weight_grad(
+                    qkv[..., 2 * qk_dim :], grad, local_weight.shape[-1]
+                )
+                grad_weight = grad_weight.to(local_weight.dtype)
+                grad_bias = grad_bias.to(local_weight.dtype) if ctx.has_bias else None
+        grad_qkv = torch.ops.biformer_cpu.image_attention_backward(qkv, topk_index, lse, grad, *ctx.geometry,
+                                                                   grad_value)
         grad_add_to = grad if ctx.needs_input_grad[2] else None
-        return grad_qkv, None, grad_add_to, None, None, None, None, None
+        return grad_qkv, None, grad_add_to, grad_weight, grad_bias, None, None, None, None, None
 
 
 def image_attention(
     qkv: torch.Tensor, topk_index: torch.Tensor, add_to: torch.Tensor | None, grid_h: int, grid_w: int,
-    num_heads: int, qk_dim: int, scale: float,
+    num_heads: int, qk_dim: int, scale: float, local_weight: torch.Tensor | None = None,
+    local_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed attention from the BRA projection's output: qkv (N, H, W, 2 * qk_dim + C) -> (N, H, W, C)
-    (+ ``add_to``), through :class:`FusedImageAttention` where a backward may run, else one kernel call."""
-    if torch.is_grad_enabled() and (qkv.requires_grad or (add_to is not None and add_to.requires_grad)):
-        return FusedImageAttention.apply(qkv, topk_index, add_to, grid_h, grid_w, num_heads, qk_dim, scale)
+    """Routed attention from the BRA projection's output: qkv (N, H, W, 2 * qk_dim + C) -> (N, H, W, C), plus
+    ``add_to`` or the LCE conv of the value channels (see :class:`FusedImageAttention`), through autograd where a
+    backward may run, else straight kernel calls."""
+    tensors = (qkv, add_to, local_weight, local_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return FusedImageAttention.apply(qkv, topk_index, add_to, local_weight, local_bias, grid_h, grid_w,
+                                         num_heads, qk_dim, scale)
+    if local_weight is not None:
+        add_to = torch.ops.biformer_cpu.depthwise_conv(qkv[..., 2 * qk_dim :], local_weight, local_bias, False, None)
     out, _ = torch.ops.biformer_cpu.image_attention_forward(
         qkv, topk_index, grid_h, grid_w, num_heads, qk_dim, scale, add_to, False
     )

@@ -17,6 +17,7 @@ import torch
 
 from ..._checks import is_exporting
 from ..cpu_kernels import SUPPORTED_DTYPES, FusedHeadAttention, image_attention, kernels_ready
+from ..depthwise import plain_depthwise_parts
 from .gather import gather_attention
 from .registry import register_backend
 
@@ -45,16 +46,28 @@ def kernels_run(*tensors: torch.Tensor) -> bool:
 
 def fused_image_attention(
     qkv: torch.Tensor, topk_index: torch.Tensor, add_to: torch.Tensor | None, *, grid_h: int, grid_w: int,
-    num_heads: int, qk_dim: int, scale: float,
+    num_heads: int, qk_dim: int, scale: float, local_conv: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """The BRA layer's entry, where :func:`kernels_run` said yes for qkv: qkv (N, H, W, 2 * qk_dim + C) -> the
-    attention output in image order (N, H, W, C), plus ``add_to`` (N, H, W, C, qkv's dtype) when given."""
-    return image_attention(qkv, topk_index, add_to, grid_h, grid_w, num_heads, qk_dim, scale)
+    attention output in image order (N, H, W, C), plus ``add_to`` (N, H, W, C, qkv's dtype) when given, or plus
+    ``local_conv`` (a plain depth-wise conv of 3, 5 or 7, see :func:`~biformer.ops.depthwise.plain_depthwise_parts`)
+    applied to the value channels by the fused kernels, forward and backward."""
+    if local_conv is None:
+        return image_attention(qkv, topk_index, add_to, grid_h, grid_w, num_heads, qk_dim, scale)
+    weight, bias = plain_depthwise_parts(local_conv)
+    return image_attention(qkv, topk_index, None, grid_h, grid_w, num_heads, qk_dim, scale, weight, bias)
+
+
+def local_conv_fuses(conv: torch.nn.Module | None) -> bool:
+    """Whether :func:`fused_image_attention` can take ``conv`` as its ``local_conv``: a plain depth-wise conv of
+    3, 5 or 7 (the sizes of the kernels' backward)."""
+    parts = None if conv is None else plain_depthwise_parts(conv)
+    return parts is not None and parts[0].shape[-1] in (3, 5, 7)
 
 
 @register_backend(
     "cpu_fused", auto=True, devices=("cpu",), dtypes=SUPPORTED_DTYPES, available=kernels_usable,
-    image_function=fused_image_attention, runs_on=kernels_run,
+    image_function=fused_image_attention, runs_on=kernels_run, fuses_local_conv=local_conv_fuses,
 )
 def cpu_fused_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk_index: torch.Tensor, *, scale: float

@@ -53,6 +53,8 @@ class Backend:
             it instead of splitting the projection into head-major q, k, v.
         runs_on: with ``image_function``: whether its own implementation runs for a call on this projection output
             (device, dtype, kernels built, not traced); where it says no, the layer takes the head-major path.
+        fuses_local_conv: with ``image_function``: whether it takes the layer's LCE conv itself (keyword
+            ``local_conv``, instead of ``add_to``) for this conv.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Backend:
     available: Callable[[], bool] | None = None
     image_function: AttentionFn | None = None
     runs_on: Callable[[torch.Tensor], bool] | None = None
+    fuses_local_conv: Callable[[object], bool] | None = None
 
     def admits(
         self,

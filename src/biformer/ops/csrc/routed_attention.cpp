@@ -1461,7 +1461,7 @@ std::tuple<at::Tensor, at::Tensor> image_attention_forward(const at::Tensor& qkv
 
 at::Tensor image_attention_backward(const at::Tensor& qkv, const at::Tensor& topk_index, const at::Tensor& lse,
                                     const at::Tensor& grad, int64_t gh, int64_t gw, int64_t heads, int64_t qk,
-                                    double scale) {
+                                    double scale, const c10::optional<at::Tensor>& add_v) {
   check_image(qkv, gh, gw, heads, qk);
   auto grad_qkv = at::empty(qkv.sizes(), qkv.options());  // every element is written
   const auto parts = image_parts(qkv, gh, gw, heads, qk);
@@ -1469,6 +1469,11 @@ at::Tensor image_attention_backward(const at::Tensor& qkv, const at::Tensor& top
   const auto g = grad.stride(3) == 1 ? grad : grad.contiguous();
   routed_attention_backward(parts[0], parts[1], parts[2], topk_index, lse, image_view(g, gh, gw, heads), scale,
                             grads[0], grads[1], grads[2]);
+  if (add_v.has_value()) {  // another gradient of the value channels (the LCE conv's input): added in place
+    auto value = grad_qkv.narrow(3, 2 * qk, qkv.size(3) - 2 * qk);
+    TORCH_CHECK(add_v->sizes() == value.sizes(), "add_v: expected the value channels' shape");
+    value.add_(*add_v);
+  }
   return grad_qkv;
 }
 
@@ -1532,7 +1537,7 @@ TORCH_LIBRARY(biformer_cpu, m) {
   m.def("image_attention_forward(Tensor qkv, Tensor topk_index, int grid_h, int grid_w, int heads, int qk_dim, "
         "float scale, Tensor? add_to, bool with_lse) -> (Tensor, Tensor)");
   m.def("image_attention_backward(Tensor qkv, Tensor topk_index, Tensor lse, Tensor grad, int grid_h, int grid_w, "
-        "int heads, int qk_dim, float scale) -> Tensor");
+        "int heads, int qk_dim, float scale, Tensor? add_v) -> Tensor");
   m.def("region_logits(Tensor qkv, int grid_h, int grid_w, int qk_dim, float scale) -> Tensor");
   m.def("set_bf16_dot_products(bool enabled) -> bool", &set_bf16_dot_products);
 }
