@@ -952,6 +952,20 @@ inline void dot_pt_x(const uint32_t* pt, int64_t ldpt, const u16* x, int64_t ldx
   for (; col < width; col += BL) dot_pt_x_block<RP, 1>(pt, ldpt, x, ldx, tiles, ntiles, keys_per_tile, len, ld, col);
 }
 
+template <typename F>
+inline void with_pairs(int64_t pairs, F&& f) {
+  switch (pairs) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 // Geometry of the pair layouts: tokens per key region padded to even (Lkp), the keys of a query region
 // (topk * Lkp) padded to whole vectors, head sizes padded to even (pairs) and to whole vectors (rows).
 struct PairGeometry {
@@ -1165,7 +1179,7 @@ void backward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t R = g.regions, Lq = g.q_tokens, Lk = g.kv_tokens;
   const int64_t kpr_size = pg.dq2 * pg.lkp * 2, vpr_size = pg.dv2 * pg.lkp * 2, kkp_size = pg.lkp * pg.dq_pad;
   const int64_t dk_size = pg.lkp * pg.dq_pad, dv_size = pg.lkp * pg.dv_pad;
-  constexpr int64_t RP = MQ / 2;  // row pairs of a block
+  constexpr int64_t SB = 16, SP = SB / 2;  // query rows, and row pairs, of a super block
   at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
     const Scratch kpr_s(1, R * kpr_size * 2), vpr_s(2, R * vpr_size * 2), kkp_s(3, R * kkp_size * 2);
     const Scratch dk_s(4, R * dk_size * 4), dv_s(5, R * dv_size * 4);
@@ -1177,8 +1191,8 @@ void backward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     std::vector<uint32_t> tmp(Lk * std::max(pg.dq2, pg.dv2));
     std::vector<u16> kbuf(pg.direct ? 0 : pg.dq2 * pg.kpad * 2), vbuf(pg.direct ? 0 : pg.dv2 * pg.kpad * 2);
     std::vector<float> p(MQ * pg.kpad), dp(MQ * pg.kpad), dq(MQ * pg.dq_pad);
-    std::vector<u16> pbf(MQ * pg.kpad), dsbf(MQ * pg.kpad), q2(RP * pg.dq_pad * 2), go2(RP * pg.dv_pad * 2);
-    std::vector<uint32_t> a(MQ * pg.dq2), go(MQ * pg.dv2), pt(RP * pg.kpad), dst(RP * pg.kpad);
+    std::vector<u16> pbf(MQ * pg.kpad), dsbf(MQ * pg.kpad), q2(SP * pg.dq_pad * 2), go2(SP * pg.dv_pad * 2);
+    std::vector<uint32_t> a(MQ * pg.dq2), go(MQ * pg.dv2), pt(SP * pg.kpad), dst(SP * pg.kpad);
     std::vector<const u16*> kpr_tiles(g.topk), vpr_tiles(g.topk), kkp_tiles(g.topk);
     std::vector<float*> dk_tiles(g.topk), dv_tiles(g.topk);
     for (int64_t task = begin; task < end; ++task) {
@@ -1203,75 +1217,74 @@ void backward_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tenso
           assemble_pairs(kpr_tiles.data(), g.topk, pg.dq2, pg, kbuf.data());
           assemble_pairs(vpr_tiles.data(), g.topk, pg.dv2, pg, vbuf.data());
         }
-        for (int64_t i0 = 0; i0 < Lq; i0 += MQ) {
-          const int64_t rows = std::min<int64_t>(MQ, Lq - i0);
-          // the block's q and dO rows: as 32-bit pairs of channels, and as row pairs (channel-interleaved)
-          const u16* qp[MQ];
-          const u16* gp[MQ];
-          for (int64_t i = 0; i < MQ; ++i) {
-            qp[i] = i < rows ? reinterpret_cast<const u16*>(at_token<const T>(qv, q_off, n, r * Lq + i0 + i, h)) : nullptr;
-            gp[i] = i < rows ? reinterpret_cast<const u16*>(at_token<const T>(gov, go_off, n, r * Lq + i0 + i, h))
-                             : nullptr;
-            if (i < rows) {
-              pair_row(qp[i], g.dq, a.data() + i * pg.dq2);
-              pair_row(gp[i], g.dv, go.data() + i * pg.dv2);
-            }
-          }
-          for (int64_t ip = 0; ip < RP; ++ip) {
-            if (qp[2 * ip] == nullptr) {
-              std::fill(q2.begin() + ip * pg.dq_pad * 2, q2.begin() + (ip + 1) * pg.dq_pad * 2, 0);
-              std::fill(go2.begin() + ip * pg.dv_pad * 2, go2.begin() + (ip + 1) * pg.dv_pad * 2, 0);
-              continue;
-            }
-            interleave_rows(qp[2 * ip], qp[2 * ip + 1], g.dq, pg.dq_pad, q2.data() + ip * pg.dq_pad * 2);
-            interleave_rows(gp[2 * ip], gp[2 * ip + 1], g.dv, pg.dv_pad, go2.data() + ip * pg.dv_pad * 2);
-          }
-          with_rows(rows, [&](auto rows_c) {
-            constexpr int ROWS = decltype(rows_c)::value;
-            pair_scores<ROWS>(g, pg, a.data(), pg.dq2, pg.dq2, kpr_tiles.data(), kbuf.data(), p.data());  // S
-            pair_scores<ROWS>(g, pg, go.data(), pg.dv2, pg.dv2, vpr_tiles.data(), vbuf.data(), dp.data());  // dP
-            for (int i = 0; i < ROWS; ++i) {
-              float* pi = p.data() + i * pg.kpad;
-              float* dpi = dp.data() + i * pg.kpad;
-              mask_columns(g, pg, pi);
-              const Vec m(lse_ptr[((n * g.heads + h) * R + r) * Lq + i0 + i]), sv(scale);
-              Vec dsum(0.f);
-              for (int64_t j = 0; j < pg.kpad; j += VL) {
-                const Vec e = (Vec::loadu(pi + j) * sv - m).fexp_u20();
-                e.store(pi + j);
-                dsum = at::vec::fmadd(e, Vec::loadu(dpi + j), dsum);
+        // super blocks of SB query rows: their P and dS (and q, dO) in row pairs, so that every key's dV and dK
+        // accumulators are loaded and stored once per SB rows, not once per block of MQ
+        for (int64_t s0 = 0; s0 < Lq; s0 += SB) {
+          const int64_t srows = std::min<int64_t>(SB, Lq - s0);
+          for (int64_t i0 = s0; i0 < s0 + srows; i0 += MQ) {
+            const int64_t rows = std::min<int64_t>(MQ, s0 + srows - i0), pair0 = (i0 - s0) / 2;
+            // the block's q and dO rows: as 32-bit pairs of channels, and as row pairs (channel-interleaved)
+            const u16* qp[MQ];
+            const u16* gp[MQ];
+            for (int64_t i = 0; i < MQ; ++i) {
+              qp[i] = i < rows ? reinterpret_cast<const u16*>(at_token<const T>(qv, q_off, n, r * Lq + i0 + i, h))
+                               : nullptr;
+              gp[i] = i < rows ? reinterpret_cast<const u16*>(at_token<const T>(gov, go_off, n, r * Lq + i0 + i, h))
+                               : nullptr;
+              if (i < rows) {
+                pair_row(qp[i], g.dq, a.data() + i * pg.dq2);
+                pair_row(gp[i], g.dv, go.data() + i * pg.dv2);
               }
-              const Vec d(reduce_sum(dsum));
-              for (int64_t j = 0; j < pg.kpad; j += VL)
-                (Vec::loadu(pi + j) * (Vec::loadu(dpi + j) - d)).store(dpi + j);  // dS
-              to_bf16_row(pi, pg.kpad, pbf.data() + i * pg.kpad);
-              to_bf16_row(dpi, pg.kpad, dsbf.data() + i * pg.kpad);
             }
-            // P and dS of row pairs interleaved: pt[ip][j] = (P[2ip][j], P[2ip + 1][j]) as one 32-bit word
-            for (int64_t ip = 0; ip < RP; ++ip) {
-              const int64_t i = 2 * ip;
-              const u16* p1 = i + 1 < ROWS ? pbf.data() + (i + 1) * pg.kpad : nullptr;
-              const u16* s1 = i + 1 < ROWS ? dsbf.data() + (i + 1) * pg.kpad : nullptr;
-              if (i < ROWS) {
+            for (int64_t ip = 0; 2 * ip < rows; ++ip) {
+              interleave_rows(qp[2 * ip], qp[2 * ip + 1], g.dq, pg.dq_pad, q2.data() + (pair0 + ip) * pg.dq_pad * 2);
+              interleave_rows(gp[2 * ip], gp[2 * ip + 1], g.dv, pg.dv_pad, go2.data() + (pair0 + ip) * pg.dv_pad * 2);
+            }
+            with_rows(rows, [&](auto rows_c) {
+              constexpr int ROWS = decltype(rows_c)::value;
+              pair_scores<ROWS>(g, pg, a.data(), pg.dq2, pg.dq2, kpr_tiles.data(), kbuf.data(), p.data());  // S
+              pair_scores<ROWS>(g, pg, go.data(), pg.dv2, pg.dv2, vpr_tiles.data(), vbuf.data(), dp.data());  // dP
+              for (int i = 0; i < ROWS; ++i) {
+                float* pi = p.data() + i * pg.kpad;
+                float* dpi = dp.data() + i * pg.kpad;
+                mask_columns(g, pg, pi);
+                const Vec m(lse_ptr[((n * g.heads + h) * R + r) * Lq + i0 + i]), sv(scale);
+                Vec dsum(0.f);
+                for (int64_t j = 0; j < pg.kpad; j += VL) {
+                  const Vec e = (Vec::loadu(pi + j) * sv - m).fexp_u20();
+                  e.store(pi + j);
+                  dsum = at::vec::fmadd(e, Vec::loadu(dpi + j), dsum);
+                }
+                const Vec d(reduce_sum(dsum));
+                for (int64_t j = 0; j < pg.kpad; j += VL)
+                  (Vec::loadu(pi + j) * (Vec::loadu(dpi + j) - d)).store(dpi + j);  // dS
+                to_bf16_row(pi, pg.kpad, pbf.data() + i * pg.kpad);
+                to_bf16_row(dpi, pg.kpad, dsbf.data() + i * pg.kpad);
+              }
+              // P and dS of row pairs interleaved: pt[ip][j] = (P[2ip][j], P[2ip + 1][j]) as one 32-bit word
+              for (int64_t ip = 0; 2 * ip < ROWS; ++ip) {
+                const int64_t i = 2 * ip;
+                const u16* p1 = i + 1 < ROWS ? pbf.data() + (i + 1) * pg.kpad : nullptr;
+                const u16* s1 = i + 1 < ROWS ? dsbf.data() + (i + 1) * pg.kpad : nullptr;
                 interleave_rows(pbf.data() + i * pg.kpad, p1, pg.kpad, pg.kpad,
-                                reinterpret_cast<u16*>(pt.data() + ip * pg.kpad));
+                                reinterpret_cast<u16*>(pt.data() + (pair0 + ip) * pg.kpad));
                 interleave_rows(dsbf.data() + i * pg.kpad, s1, pg.kpad, pg.kpad,
-                                reinterpret_cast<u16*>(dst.data() + ip * pg.kpad));
-              } else {
-                std::fill(pt.begin() + ip * pg.kpad, pt.begin() + (ip + 1) * pg.kpad, 0u);
-                std::fill(dst.begin() + ip * pg.kpad, dst.begin() + (ip + 1) * pg.kpad, 0u);
+                                reinterpret_cast<u16*>(dst.data() + (pair0 + ip) * pg.kpad));
               }
-            }
-            dot_p_tiles<ROWS>(dsbf.data(), pg.kpad, kkp_tiles.data(), g.topk, pg.lkp / 2, pg.dq_pad, pg.dq_pad,
-                              dq.data(), pg.dq_pad);  // dQ / scale
+              dot_p_tiles<ROWS>(dsbf.data(), pg.kpad, kkp_tiles.data(), g.topk, pg.lkp / 2, pg.dq_pad, pg.dq_pad,
+                                dq.data(), pg.dq_pad);  // dQ / scale
+            });
+            for (int64_t i = 0; i < rows; ++i)
+              store_row(at_token<T>(gqv, gq_off, n, r * Lq + i0 + i, h), dq.data() + i * pg.dq_pad, g.dq, scale,
+                        static_cast<const T*>(nullptr));
+          }
+          with_pairs((srows + 1) / 2, [&](auto pairs_c) {
+            constexpr int PAIRS = decltype(pairs_c)::value;
+            dot_pt_x<PAIRS>(pt.data(), pg.kpad, go2.data(), pg.dv_pad, dv_tiles.data(), g.topk, pg.lkp, Lk,
+                            pg.dv_pad, pg.dv_pad);
+            dot_pt_x<PAIRS>(dst.data(), pg.kpad, q2.data(), pg.dq_pad, dk_tiles.data(), g.topk, pg.lkp, Lk,
+                            pg.dq_pad, pg.dq_pad);
           });
-          dot_pt_x<RP>(pt.data(), pg.kpad, go2.data(), pg.dv_pad, dv_tiles.data(), g.topk, pg.lkp, Lk, pg.dv_pad,
-                       pg.dv_pad);
-          dot_pt_x<RP>(dst.data(), pg.kpad, q2.data(), pg.dq_pad, dk_tiles.data(), g.topk, pg.lkp, Lk, pg.dq_pad,
-                       pg.dq_pad);
-          for (int64_t i = 0; i < rows; ++i)
-            store_row(at_token<T>(gqv, gq_off, n, r * Lq + i0 + i, h), dq.data() + i * pg.dq_pad, g.dq, scale,
-                      static_cast<const T*>(nullptr));
         }
       }
       for (int64_t r = 0; r < R; ++r)
